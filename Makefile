@@ -1,0 +1,30 @@
+# Everything installs itself: a fresh machine needs only python3 (3.11) and pip.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fvae-installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+# Re-install only when the pins or the package metadata change; a second run reuses .venv.
+$(STAMP): requirements/core.txt requirements/dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import jax, flax, diffusers, torch; print('fvae env ok: jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/fvae demo --out runs/demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/autoencoder.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,456 @@
+"""The KL autoencoder of Stable Diffusion, in Flax (linen), NHWC.
+
+This is an independent port of diffusers' ``AutoencoderKL`` (``diffusers/models/autoencoders/
+autoencoder_kl.py`` with ``Encoder``/``Decoder`` from ``autoencoders/vae.py``), which itself follows
+CompVis LDM's ``ldm/modules/diffusionmodules/model.py``. The parameter tree mirrors diffusers' module
+names (``encoder.down_blocks_0.resnets_1.conv1.kernel`` <-> ``encoder.down_blocks.0.resnets.1.conv1.weight``)
+so that :mod:`fvae_core.weights` can port weights strictly. Parity with diffusers' PyTorch model is
+tested in ``tests/test_autoencoder_parity.py``.
+
+Conventions (see :mod:`fvae_core.conventions`): images at the boundary are [-1, 1], NHWC.
+
+Mixed precision: ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters are always created
+and stored in float32 and cast at use. Group norms, the attention softmax and the posterior are computed
+in float32; ``decode`` returns float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+
+class ConfigError(ValueError):
+    """An autoencoder config that diffusers' AutoencoderKL would not build (or that fvae does not support)."""
+
+
+_ENCODER_BLOCK = "DownEncoderBlock2D"
+_DECODER_BLOCK = "UpDecoderBlock2D"
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch.nn.GELU() default is exact erf
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The fields of a diffusers ``AutoencoderKL`` ``config.json``, with diffusers' defaults.
+
+    Only fields that change the network or the latent scaling are meaningful; ``sample_size``,
+    ``force_upcast``, ``latents_mean`` and ``latents_std`` are carried through export unchanged.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = (_ENCODER_BLOCK,)
+    up_block_types: tuple[str, ...] = (_DECODER_BLOCK,)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if n == 0:
+            raise ConfigError("block_out_channels must not be empty")
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError(
+                f"down_block_types ({len(self.down_block_types)}), up_block_types ({len(self.up_block_types)}) "
+                f"and block_out_channels ({n}) must have the same length"
+            )
+        bad = sorted({t for t in self.down_block_types if t != _ENCODER_BLOCK}
+                     | {t for t in self.up_block_types if t != _DECODER_BLOCK})
+        if bad:
+            raise ConfigError(f"unsupported block types {bad}: AutoencoderKL uses only "
+                              f"{_ENCODER_BLOCK} and {_DECODER_BLOCK}")
+        if self.act_fn not in _ACTIVATIONS:
+            raise ConfigError(f"unsupported act_fn {self.act_fn!r}; expected one of {sorted(_ACTIVATIONS)}")
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for c in self.block_out_channels:
+            if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+                raise ConfigError(f"block_out_channels must be positive integers, got {self.block_out_channels!r}")
+            if c % self.norm_num_groups:
+                raise ConfigError(f"norm_num_groups={self.norm_num_groups} does not divide block channel count {c}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial factor between image and latent (8 for SD-style VAEs)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    # ---- diffusers config.json round trip -------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VAEConfig":
+        """Build from a diffusers ``config.json`` dict. Keys starting with ``_`` are metadata; any other
+        unknown key is an error (it would change the network in a way we do not implement)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a VAE config must be a JSON object, got {type(d).__name__}")
+        cls_name = d.get("_class_name")
+        if cls_name is not None and cls_name != "AutoencoderKL":
+            raise ConfigError(f"config is for {cls_name!r}, not 'AutoencoderKL'")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if not k.startswith("_") and k not in fields)
+        if unknown:
+            raise ConfigError(f"unknown AutoencoderKL config keys: {unknown}")
+        kw = {}
+        for k, v in d.items():
+            if k.startswith("_"):
+                continue
+            if isinstance(v, list):
+                v = tuple(v)
+            kw[k] = v
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The diffusers ``config.json`` content for this config."""
+        out: dict[str, Any] = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1"}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def replace(self, **kw) -> "VAEConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _sd_like(**kw) -> VAEConfig:
+    n = len(kw.get("block_out_channels", (128, 256, 512, 512)))
+    base = dict(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+        down_block_types=(_ENCODER_BLOCK,) * n, up_block_types=(_DECODER_BLOCK,) * n,
+    )
+    base.update(kw)
+    return VAEConfig(**base)
+
+
+#: Architectures of well-known VAEs (public config.json values). Weights must be loaded separately.
+PRESET_CONFIGS: dict[str, VAEConfig] = {
+    "sd-vae-ft-mse": _sd_like(sample_size=256, scaling_factor=0.18215),
+    "sdxl-vae": _sd_like(sample_size=1024, scaling_factor=0.13025),
+    "flux-vae": _sd_like(sample_size=1024, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                         use_quant_conv=False, use_post_quant_conv=False),
+    # Small SD-shaped model (f=8, 4 latent channels) for CPU demos and tests.
+    "tiny-sd": _sd_like(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
+                        sample_size=64),
+}
+
+
+# ---- posterior --------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class DiagonalGaussian:
+    """The encoder's posterior q(z|x) = N(mean, exp(logvar)), NHWC, float32.
+
+    ``logvar`` is clamped to [-30, 20] as in LDM and diffusers.
+    """
+
+    mean: jax.Array
+    logvar: jax.Array
+
+    @classmethod
+    def from_moments(cls, moments: jax.Array) -> "DiagonalGaussian":
+        moments = moments.astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return cls(mean=mean, logvar=jnp.clip(logvar, -30.0, 20.0))
+
+    @property
+    def std(self) -> jax.Array:
+        return jnp.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> jax.Array:
+        return jnp.exp(self.logvar)
+
+    def sample(self, rng: jax.Array) -> jax.Array:
+        return self.mean + self.std * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
+
+    def mode(self) -> jax.Array:
+        return self.mean
+
+    def kl(self) -> jax.Array:
+        """KL(q || N(0, I)) summed over latent dims, one value per sample (LDM's ``kl()``)."""
+        return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=(1, 2, 3))
+
+
+# ---- layers -----------------------------------------------------------------------------------------
+def _torch_uniform(fan_in_axes):
+    """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+
+    def init(rng, shape, dtype=jnp.float32, fan_in=None):
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(rng, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv(nn.Module):
+    """2-D convolution, NHWC/HWIO, params in float32, computed in ``dtype``."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: Any = "SAME_TORCH"  # symmetric k//2 padding as torch's padding=k//2; or explicit pairs
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        cin = x.shape[-1]
+        fan_in = cin * k * k
+        init = _torch_uniform(None)
+        kernel = self.param("kernel", lambda r, s: init(r, s, fan_in=fan_in), (k, k, cin, self.features))
+        bias = self.param("bias", lambda r, s: init(r, s, fan_in=fan_in), (self.features,))
+        pad = [(k // 2, k // 2)] * 2 if self.padding == "SAME_TORCH" else self.padding
+        if k == 1 and self.stride == 1:
+            y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        else:
+            y = lax.conv_general_dilated(
+                x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        return y + bias.astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """Dense layer with torch's default init; kernel stored [in, out]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cin = x.shape[-1]
+        init = _torch_uniform(None)
+        kernel = self.param("kernel", lambda r, s: init(r, s, fan_in=cin), (cin, self.features))
+        bias = self.param("bias", lambda r, s: init(r, s, fan_in=cin), (self.features,))
+        return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm (biased variance, affine), computed in float32, returned in ``dtype``."""
+
+    num_groups: int
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        g = self.num_groups
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        xf = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
+        mean = jnp.mean(xf, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 4), keepdims=True)
+        y = ((xf - mean) * lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ``ResnetBlock2D`` without time embedding (pre-norm, output_scale_factor 1, dropout 0)."""
+
+    out_channels: int
+    groups: int
+    act: str
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        act = _ACTIVATIONS[self.act]
+        h = act(GroupNorm(self.groups, dtype=self.dtype, name="norm1")(x))
+        h = Conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
+        h = act(GroupNorm(self.groups, dtype=self.dtype, name="norm2")(h))
+        h = Conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = Conv(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
+        return x.astype(self.dtype) + h
+
+
+def _attend(q, k, v, query_chunk: int = 4096):
+    """Single-head softmax attention in float32; queries are processed in chunks so that very large
+    images (mid-block at 128x128 or more) do not materialise an N x N score matrix at once."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def block(qc):
+        s = jnp.einsum("bqc,bkc->bqk", qc, k, preferred_element_type=jnp.float32) * scale
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return jnp.einsum("bqk,bkc->bqc", p, v)
+
+    n = q.shape[1]
+    if n <= query_chunk:
+        return block(q)
+    n_chunks = -(-n // query_chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n_chunks * query_chunk - n), (0, 0)))
+    qs = jnp.moveaxis(qp.reshape(q.shape[0], n_chunks, query_chunk, q.shape[2]), 1, 0)
+    out = lax.map(block, qs)
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], -1, q.shape[2])[:, :n]
+
+
+class AttentionBlock(nn.Module):
+    """diffusers ``Attention`` as built by ``UNetMidBlock2D`` for the VAE: group norm, one head of
+    width C, q/k/v/out linear layers, residual connection."""
+
+    groups: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        t = GroupNorm(self.groups, dtype=self.dtype, name="group_norm")(x).reshape(b, h * w, c)
+        q = Linear(c, dtype=self.dtype, name="to_q")(t)
+        k = Linear(c, dtype=self.dtype, name="to_k")(t)
+        v = Linear(c, dtype=self.dtype, name="to_v")(t)
+        o = Linear(c, dtype=self.dtype, name="to_out_0")(_attend(q, k, v))
+        return x.astype(self.dtype) + o.reshape(b, h, w, c)
+
+
+class MidBlock(nn.Module):
+    """diffusers ``UNetMidBlock2D``: resnet, (attention), resnet."""
+
+    groups: int
+    act: str
+    add_attention: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        x = ResnetBlock(c, self.groups, self.act, self.dtype, name="resnets_0")(x)
+        if self.add_attention:
+            x = AttentionBlock(self.groups, self.dtype, name="attentions_0")(x)
+        return ResnetBlock(c, self.groups, self.act, self.dtype, name="resnets_1")(x)
+
+
+def _upsample_nearest2x(x):
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class Encoder(nn.Module):
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.config, self.dtype
+        g, act = cfg.norm_num_groups, cfg.act_fn
+        h = Conv(cfg.block_out_channels[0], 3, dtype=dt, name="conv_in")(x)
+        n = len(cfg.block_out_channels)
+        for i, ch in enumerate(cfg.block_out_channels):
+            for j in range(cfg.layers_per_block):
+                h = ResnetBlock(ch, g, act, dt, name=f"down_blocks_{i}_resnets_{j}")(h)
+            if i < n - 1:
+                # diffusers Downsample2D(padding=0): pad right/bottom by one, then a stride-2 3x3 conv.
+                h = Conv(ch, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dt,
+                         name=f"down_blocks_{i}_downsamplers_0_conv")(h)
+        h = MidBlock(g, act, cfg.mid_block_add_attention, dt, name="mid_block")(h)
+        h = _ACTIVATIONS[act](GroupNorm(g, dtype=dt, name="conv_norm_out")(h))
+        return Conv(2 * cfg.latent_channels, 3, dtype=dt, name="conv_out")(h)
+
+
+class Decoder(nn.Module):
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z):
+        cfg, dt = self.config, self.dtype
+        g, act = cfg.norm_num_groups, cfg.act_fn
+        rev = list(reversed(cfg.block_out_channels))
+        h = Conv(rev[0], 3, dtype=dt, name="conv_in")(z)
+        h = MidBlock(g, act, cfg.mid_block_add_attention, dt, name="mid_block")(h)
+        for i, ch in enumerate(rev):
+            for j in range(cfg.layers_per_block + 1):
+                h = ResnetBlock(ch, g, act, dt, name=f"up_blocks_{i}_resnets_{j}")(h)
+            if i < len(rev) - 1:
+                h = Conv(ch, 3, dtype=dt, name=f"up_blocks_{i}_upsamplers_0_conv")(_upsample_nearest2x(h))
+        h = _ACTIVATIONS[act](GroupNorm(g, dtype=dt, name="conv_norm_out")(h))
+        return Conv(cfg.out_channels, 3, dtype=dt, name="conv_out")(h)
+
+
+class AutoencoderKL(nn.Module):
+    """Flax ``AutoencoderKL``. Use :meth:`encode` / :meth:`decode` through ``apply(..., method=...)``
+    or the helpers :func:`encode` / :func:`decode` below.
+
+    ``dtype`` is the compute dtype; params are float32.
+    """
+
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.encoder = Encoder(cfg, self.dtype)
+        self.decoder = Decoder(cfg, self.dtype)
+        if cfg.use_quant_conv:
+            self.quant_conv = Conv(2 * cfg.latent_channels, 1, dtype=self.dtype)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = Conv(cfg.latent_channels, 1, dtype=self.dtype)
+
+    def encode(self, x) -> DiagonalGaussian:
+        """[-1, 1] NHWC images -> posterior over NHWC latents (unscaled, as diffusers)."""
+        moments = self.encoder(x)
+        if self.config.use_quant_conv:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode(self, z) -> jax.Array:
+        """Unscaled NHWC latents -> [-1, 1] NHWC images (float32, not clamped)."""
+        if self.config.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z).astype(jnp.float32)
+
+    def __call__(self, x, rng=None):
+        """Reconstruct: decode(sample) when ``rng`` is given, else decode(mode)."""
+        post = self.encode(x)
+        z = post.mode() if rng is None else post.sample(rng)
+        return self.decode(z), post
+
+
+def init_params(config: VAEConfig, rng: jax.Array | int = 0, image_size: int | None = None) -> dict:
+    """Random float32 params with PyTorch's default init distribution."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    s = image_size or 2 * config.downsample_factor
+    x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
+    return jax.jit(AutoencoderKL(config).init)(rng, x)["params"]
+
+
+def abstract_params(config: VAEConfig) -> dict:
+    """The param tree's shapes and dtypes, without computing anything."""
+    s = 2 * config.downsample_factor
+    x = jax.ShapeDtypeStruct((1, s, s, config.in_channels), jnp.float32)
+    return jax.eval_shape(lambda r, x: AutoencoderKL(config).init(r, x), jax.random.PRNGKey(0), x)["params"]
+
+
+def scale_latents(z, config: VAEConfig):
+    """Unscaled latents -> the diffusion model's latent space: (z - shift) * scaling_factor."""
+    return (z - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
+def unscale_latents(zs, config: VAEConfig):
+    """Inverse of :func:`scale_latents`."""
+    return zs / config.scaling_factor + (config.shift_factor or 0.0)
