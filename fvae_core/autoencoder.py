@@ -367,7 +367,7 @@ class Encoder(nn.Module):
                 h = Conv(ch, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dt,
                          name=f"down_blocks_{i}_downsamplers_0_conv")(h)
         h = MidBlock(g, act, cfg.mid_block_add_attention, dt, name="mid_block")(h)
-        h = _ACTIVATIONS[act](GroupNorm(g, dtype=dt, name="conv_norm_out")(h))
+        h = jax.nn.silu(GroupNorm(g, dtype=dt, name="conv_norm_out")(h))  # SiLU whatever act_fn (as diffusers)
         return Conv(2 * cfg.latent_channels, 3, dtype=dt, name="conv_out")(h)
 
 
@@ -387,7 +387,7 @@ class Decoder(nn.Module):
                 h = ResnetBlock(ch, g, act, dt, name=f"up_blocks_{i}_resnets_{j}")(h)
             if i < len(rev) - 1:
                 h = Conv(ch, 3, dtype=dt, name=f"up_blocks_{i}_upsamplers_0_conv")(_upsample_nearest2x(h))
-        h = _ACTIVATIONS[act](GroupNorm(g, dtype=dt, name="conv_norm_out")(h))
+        h = jax.nn.silu(GroupNorm(g, dtype=dt, name="conv_norm_out")(h))  # SiLU whatever act_fn (as diffusers)
         return Conv(cfg.out_channels, 3, dtype=dt, name="conv_out")(h)
 
 

@@ -1,0 +1,52 @@
+"""Shared fixtures: small random-init diffusers AutoencoderKL models (the parity oracle)."""
+from __future__ import annotations
+
+import os
+
+# Never touch the network from tests: hub lookups fail at once instead of retrying for ~25 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from fvae_core.autoencoder import PRESET_CONFIGS, VAEConfig
+
+E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
+
+#: Configs the parity tests cover: an SD-like f=8 model, a FLUX-like 16-channel model without quant
+#: convs, and a model with non-default norm groups, no mid attention, 2 layers/block and GELU.
+PARITY_CONFIGS = {
+    "tiny-sd": PRESET_CONFIGS["tiny-sd"],
+    "flux-like": VAEConfig(block_out_channels=(32, 64, 64), down_block_types=(E,) * 3, up_block_types=(D,) * 3,
+                           layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                           use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+    "groups8-noattn-gelu": VAEConfig(block_out_channels=(16, 32), down_block_types=(E,) * 2,
+                                     up_block_types=(D,) * 2, layers_per_block=2, norm_num_groups=8,
+                                     mid_block_add_attention=False, act_fn="gelu"),
+}
+
+
+def make_torch_vae(config: VAEConfig, seed: int = 0):
+    """A diffusers AutoencoderKL with random weights; biases and norm affines are randomised too, so
+    that a mistaken transpose or a swapped scale/bias cannot hide behind default ones/zeros."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = AutoencoderKL.from_config(config.to_dict()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def torch_state_numpy(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(params=sorted(PARITY_CONFIGS))
+def parity_case(request):
+    cfg = PARITY_CONFIGS[request.param]
+    model = make_torch_vae(cfg)
+    return request.param, cfg, model

@@ -1,0 +1,129 @@
+"""Our Flax AutoencoderKL against diffusers' PyTorch AutoencoderKL (the oracle), random weights, fp32."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from fvae_core.autoencoder import AutoencoderKL, DiagonalGaussian, VAEConfig, ConfigError, PRESET_CONFIGS, abstract_params
+from fvae_core.weights import params_from_diffusers_state_dict
+from conftest import torch_state_numpy
+
+TOL = 1e-4
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def _fvae(cfg, model):
+    params = params_from_diffusers_state_dict(torch_state_numpy(model), cfg)
+    m = AutoencoderKL(cfg)
+    enc = jax.jit(lambda p, x: m.apply({"params": p}, x, method=m.encode))
+    dec = jax.jit(lambda p, z: m.apply({"params": p}, z, method=m.decode))
+    return params, enc, dec
+
+
+def test_encode_decode_match_diffusers(parity_case):
+    name, cfg, model = parity_case
+    params, enc, dec = _fvae(cfg, model)
+    f = cfg.downsample_factor
+    # Non-square, batch 2, values over the full model range.
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 6 * f, 10 * f, cfg.in_channels)).astype(np.float32)
+    with torch.no_grad():
+        post_t = model.encode(nchw(x)).latent_dist
+        z = torch.randn(post_t.mean.shape, generator=torch.Generator().manual_seed(3))
+        dec_t = model.decode(z).sample
+    post = enc(params, x)
+    assert post.mean.shape == (2, 6, 10, cfg.latent_channels)
+    np.testing.assert_allclose(post.mean, nhwc(post_t.mean), atol=TOL, rtol=0)
+    np.testing.assert_allclose(post.logvar, nhwc(post_t.logvar), atol=TOL, rtol=0)
+    y = dec(params, jnp.asarray(nhwc(z)))
+    assert y.dtype == jnp.float32 and y.shape == x.shape
+    np.testing.assert_allclose(y, nhwc(dec_t), atol=TOL, rtol=0)
+    # The decoded image is not trivially small: the tolerance is meaningful.
+    assert float(np.abs(nhwc(dec_t)).std()) > 0.05
+
+
+def test_full_reconstruction_matches_diffusers(parity_case):
+    name, cfg, model = parity_case
+    params, enc, dec = _fvae(cfg, model)
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 32, 24, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = nhwc(model(nchw(x)).sample)  # diffusers: decode(posterior.mode())
+    y, post = AutoencoderKL(cfg).apply({"params": params}, x)
+    np.testing.assert_allclose(y, ref, atol=TOL, rtol=0)
+
+
+def test_posterior_clamp_and_sample_match_diffusers_distribution():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    rng = np.random.default_rng(0)
+    moments = rng.normal(0, 30, (2, 3, 5, 8)).astype(np.float32)  # logvars far outside [-30, 20]
+    ours = DiagonalGaussian.from_moments(jnp.asarray(moments))
+    ref = DiagonalGaussianDistribution(nchw(moments))
+    np.testing.assert_allclose(ours.logvar, nhwc(ref.logvar), rtol=1e-6)
+    assert float(ours.logvar.max()) == 20.0 and float(ours.logvar.min()) == -30.0
+    np.testing.assert_allclose(ours.std, nhwc(ref.std), rtol=1e-5)
+    np.testing.assert_allclose(ours.kl(), ref.kl().numpy(), rtol=1e-4)
+    assert np.array_equal(ours.mode(), ours.mean)
+    key = jax.random.PRNGKey(5)
+    s = ours.sample(key)
+    eps = jax.random.normal(key, ours.mean.shape)
+    np.testing.assert_allclose(s, ours.mean + ours.std * eps, rtol=1e-6)
+    assert not np.array_equal(ours.sample(jax.random.PRNGKey(6)), s)
+
+
+def test_bf16_compute_with_fp32_params():
+    cfg = PRESET_CONFIGS["tiny-sd"]
+    from conftest import make_torch_vae
+
+    params, _, dec32 = _fvae(cfg, make_torch_vae(cfg))
+    m16 = AutoencoderKL(cfg, dtype=jnp.bfloat16)
+    z = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 6, 4))
+    y16 = jax.jit(lambda p, z: m16.apply({"params": p}, z, method=m16.decode))(params, z)
+    y32 = dec32(params, z)
+    assert y16.dtype == jnp.float32  # decode returns float32 whatever the compute dtype
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(params))
+    rel = float(jnp.linalg.norm(y16 - y32) / jnp.linalg.norm(y32))
+    assert 1e-4 < rel < 5e-2, rel  # really computed in bf16 (not silently fp32), and still close
+    # Gradients flow to fp32 params in bf16 compute.
+    g = jax.grad(lambda p: jnp.mean(m16.apply({"params": p}, z, method=m16.decode) ** 2))(params)
+    assert all(l.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(l))) for l in jax.tree_util.tree_leaves(g))
+
+
+@pytest.mark.parametrize("name", ["sd-vae-ft-mse", "sdxl-vae", "flux-vae"])
+def test_public_architectures_have_diffusers_param_counts(name):
+    from diffusers import AutoencoderKL as TorchVAE
+
+    cfg = PRESET_CONFIGS[name]
+    with torch.device("meta"):
+        tm = TorchVAE.from_config(cfg.to_dict())
+    n_torch = sum(p.numel() for p in tm.parameters())
+    n_ours = sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(abstract_params(cfg)))
+    assert n_ours == n_torch
+    if name == "sd-vae-ft-mse":  # 34.16M encoder + 49.49M decoder incl. post_quant_conv (+ quant_conv)
+        assert abs(n_ours - 83.65e6) < 0.01e6
+
+
+def test_config_from_diffusers_json_and_errors():
+    d = PRESET_CONFIGS["flux-vae"].to_dict()
+    assert VAEConfig.from_dict(d) == PRESET_CONFIGS["flux-vae"]
+    with pytest.raises(ConfigError, match="unknown AutoencoderKL config keys"):
+        VAEConfig.from_dict({**d, "temporal_layers": 2})
+    with pytest.raises(ConfigError, match="AutoencoderKLTemporalDecoder"):
+        VAEConfig.from_dict({**d, "_class_name": "AutoencoderKLTemporalDecoder"})
+    with pytest.raises(ConfigError, match="does not divide"):
+        VAEConfig.from_dict({**d, "norm_num_groups": 48})
+    with pytest.raises(ConfigError, match="same length"):
+        VAEConfig.from_dict({**d, "block_out_channels": [128, 256]})
+    with pytest.raises(ConfigError, match="act_fn"):
+        VAEConfig.from_dict({**d, "act_fn": "tanh"})
+    with pytest.raises(ConfigError, match="block types"):
+        VAEConfig.from_dict({**d, "down_block_types": ["CrossAttnDownBlock2D"] * 4})
