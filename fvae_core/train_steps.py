@@ -1,0 +1,389 @@
+"""Pure train steps: the card's decoder finetune and LDM's full-autoencoder pretrain.
+
+A step is ``step(state, batch, rng) -> (state, metrics)``, jitted with the state donated. Generator and
+critic have separate updates and separate optimiser states; they live side by side in one
+:class:`TrainState` so that one checkpoint holds a run. ``batch["image"]`` is NHWC float32 in the data
+range [0, 1] (:mod:`fvae_core.conventions`); the step converts to the model range itself.
+
+The generator update does **one** decoder forward and **one** decoder backward, adversarial weight
+included. With ``y`` the decoded image and ``h`` the input of the last conv ``W`` (``decoder.conv_out``):
+
+* ``g_rec = dL_rec/dy`` and ``g_adv = dL_adv/dy`` are image-space cotangents (through LPIPS and the
+  critic, not the decoder);
+* ``dL/dW = sum_pixels patches(h)^T g`` is cheap for each, giving LDM's adaptive weight
+  ``w = r ||dL_rec/dW|| / (||dL_adv/dW|| + eps)``, clamped to [0, 1e4] and not differentiated;
+* one VJP through the decoder with ``g_rec + w g_adv`` gives the total gradient (linearity).
+
+The adaptive weight (LDM ``calculate_adaptive_weight``) uses the reconstruction loss without KL, as LDM
+does; ``r = 0.5`` is the card's "gradient norm for the discriminator is half that of the reconstruction
+loss" (LDM's ``disc_weight`` 0.5 plays the same role).
+
+Phases (static, chosen by the caller from the step number, see :func:`phase_for_step`):
+``"rec"`` (no critic), ``"critic-warmup"`` (the critic trains on fakes, the generator ignores it) and
+``"adversarial"`` (both; the generator gets ``w * L_adv``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from fvae_core.autoencoder import AutoencoderKL, VAEConfig
+from fvae_core.color import LOSS_SPACES
+from fvae_core.conventions import from_model_range, to_model_range
+from fvae_core.critic import PatchGAN, critic_input, critic_loss_terms, critic_objective, validate_critic
+from fvae_core.losses import adaptive_gan_weight, furception_pixel_weights, pixel_loss
+from fvae_core.lpips import LPIPSModel, lpips_distance, lpips_input_range_ok
+
+PHASES = ("rec", "critic-warmup", "adversarial")
+STAGES = ("finetune", "pretrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    """Every knob of the loss and the updates. Defaults are the card's decoder finetune.
+
+    Pixel weights: ``mae_schedule=True`` uses the Furception lead's mix ``s MAE + 5 (1 - s) MSE`` with
+    ``s`` cosine 1.0 -> 0.6 over ``mae_schedule_steps`` (:func:`fvae_core.losses.furception_pixel_weights`);
+    otherwise the fixed ``w_mae``/``w_mse``. See :data:`fvae_core.losses.LOSS_DEFAULTS` for sources.
+    """
+
+    stage: str = "finetune"
+    # reconstruction
+    loss_space: str = "oklab"
+    channel_weights: tuple[float, ...] | None = None
+    w_mae: float = 1.0
+    w_mse: float = 0.0
+    mae_schedule: bool = True
+    mae_schedule_steps: int = 100_000
+    lpips_weight: float = 1.0
+    kl_weight: float = 0.0  # LDM pretrain: 1e-6 (relative to its pixel-summed nll, see _kl_term)
+    latent: str = "sample"  # "sample" (LDM) or "mean"
+    # adversarial
+    gan: str = "wgan-gp"  # "wgan-gp" | "hinge" | "ns-r1" | "none"
+    critic_norm: str = "layer"
+    critic_space: str = "oklab"
+    critic_ndf: int = 64
+    penalty_weight: float | None = None  # None: the objective's default (GP 10, R1 10)
+    drift_weight: float = 0.0
+    adaptive_ratio: float = 0.5
+    adaptive_eps: float = 1e-4
+    adaptive_max: float = 1e4
+    critic_start: int = 0  # the critic trains from here (warm-up) ...
+    disc_start: int = 0  # ... and the generator sees it from here
+    # optimisers (Adam(W) with LDM's betas)
+    lr: float = 5e-7
+    critic_lr: float = 5e-7
+    warmup_steps: int = 5000
+    b1: float = 0.5
+    b2: float = 0.9
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    ema_decay: float = 1.0 - 0.001 * 32 / 192  # sd-vae-ft's 0.999 at B 192, scaled to batch 32
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"invalid recipe: {msg}")
+
+        if self.stage not in STAGES:
+            bad(f"stage {self.stage!r} not in {STAGES}")
+        if self.loss_space not in LOSS_SPACES:
+            bad(f"loss_space {self.loss_space!r} not in {LOSS_SPACES}")
+        if self.latent not in ("sample", "mean"):
+            bad(f"latent {self.latent!r} not in ('sample', 'mean')")
+        if self.gan != "none":
+            try:
+                validate_critic(self.critic_norm, self.gan)
+            except ValueError as e:
+                bad(str(e))
+        if self.critic_space not in ("srgb", "oklab"):
+            bad(f"critic_space {self.critic_space!r} not in ('srgb', 'oklab')")
+        if not 0.0 < self.ema_decay <= 1.0:
+            bad(f"ema_decay {self.ema_decay} not in (0, 1]")
+        if self.critic_start > self.disc_start:
+            bad(f"critic_start ({self.critic_start}) must be <= disc_start ({self.disc_start})")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            bad(f"compute_dtype {self.compute_dtype!r} not in ('float32', 'bfloat16')")
+        for name in ("lr", "critic_lr", "lpips_weight", "kl_weight", "w_mae", "w_mse", "adaptive_ratio"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0")
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+
+#: The LDM kl-f8 recipe (first-stage pretrain): L1 + LPIPS + 1e-6 KL, hinge GAN after disc_start with
+#: weight 0.5, Adam(0.5, 0.9) at 4.5e-6. disc_start is set per run (LDM: 50001).
+LDM_PRETRAIN = RecipeConfig(stage="pretrain", loss_space="srgb", w_mae=2.0, w_mse=0.0, mae_schedule=False,
+                            lpips_weight=1.0, kl_weight=1e-6, gan="hinge", critic_space="srgb", lr=4.5e-6,
+                            critic_lr=4.5e-6, warmup_steps=0, ema_decay=1.0)
+
+
+def ema_decay_for_batch(batch_size: int, reference_decay: float = 0.999, reference_batch: int = 192) -> float:
+    """EMA decay scaled to a batch size: ``1 - (1 - d_ref) B / B_ref``, so that the EMA averages over the
+    same number of *images*. sd-vae-ft used 0.999 at batch 192; at batch 32 this gives 0.99983."""
+    d = 1.0 - (1.0 - reference_decay) * batch_size / reference_batch
+    if not 0.0 < d < 1.0:
+        raise ValueError(f"batch {batch_size} is too large for reference decay {reference_decay} at {reference_batch}")
+    return d
+
+
+def ema_update(ema, params, decay):
+    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf (float32)."""
+    return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+def make_optimizer(lr: float, warmup_steps: int = 0, b1: float = 0.5, b2: float = 0.9,
+                   weight_decay: float = 0.0, grad_clip: float | None = None) -> optax.GradientTransformation:
+    """AdamW with LDM's betas (0.5, 0.9), linear LR warm-up, optional global-norm clipping."""
+    sched = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+# ---- parameter split ------------------------------------------------------------------------------------
+def split_trainable(params: dict, stage: str) -> tuple[dict, dict]:
+    """(trainable, frozen). Finetune trains ``decoder`` and ``post_quant_conv`` (the card; sd-vae-ft);
+    pretrain trains everything."""
+    if stage == "pretrain":
+        return dict(params), {}
+    trainable = {k: v for k, v in params.items() if k in ("decoder", "post_quant_conv")}
+    frozen = {k: v for k, v in params.items() if k not in trainable}
+    return trainable, frozen
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+    return {**frozen, **trainable}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # trainable VAE params
+    frozen: Any  # frozen VAE params (the encoder in finetune)
+    opt_state: Any
+    ema: Any  # EMA of ``params`` (the release weights)
+    critic_params: Any
+    critic_opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The static half of training: configs and optimisers. Build once; its steps are jitted lazily."""
+
+    recipe: RecipeConfig
+    vae_config: VAEConfig
+
+    @property
+    def model(self) -> AutoencoderKL:
+        return AutoencoderKL(self.vae_config, dtype=self.recipe.dtype)
+
+    @property
+    def critic(self) -> PatchGAN:
+        return PatchGAN(ndf=self.recipe.critic_ndf, norm=self.recipe.critic_norm,
+                        in_channels=self.vae_config.out_channels, dtype=self.recipe.dtype)
+
+    @property
+    def tx(self):
+        r = self.recipe
+        return make_optimizer(r.lr, r.warmup_steps, r.b1, r.b2, r.weight_decay, r.grad_clip)
+
+    @property
+    def critic_tx(self):
+        r = self.recipe
+        return make_optimizer(r.critic_lr, 0, r.b1, r.b2, r.weight_decay, r.grad_clip)
+
+    @property
+    def objective(self):
+        r = self.recipe
+        return critic_objective(r.gan, norm=r.critic_norm, penalty_weight=r.penalty_weight,
+                                drift_weight=r.drift_weight)
+
+    def init_state(self, vae_params: dict, rng: jax.Array, image_size: int = 64) -> TrainState:
+        trainable, frozen = split_trainable(vae_params, self.recipe.stage)
+        # Copies: the steps donate the state, which must never alias the caller's arrays.
+        copy = lambda a: jnp.array(a, dtype=jnp.float32, copy=True)  # noqa: E731
+        trainable = jax.tree_util.tree_map(copy, trainable)
+        frozen = jax.tree_util.tree_map(copy, frozen)
+        x = jnp.zeros((1, image_size, image_size, self.vae_config.out_channels), jnp.float32)
+        critic_params = self.critic.init(rng, x)["params"] if self.recipe.gan != "none" else {}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, opt_state=self.tx.init(trainable),
+            ema=jax.tree_util.tree_map(copy, trainable), critic_params=critic_params,
+            critic_opt_state=self.critic_tx.init(critic_params),
+        )
+
+    # ---- the steps -------------------------------------------------------------------------------------
+    def phase_for_step(self, step: int) -> str:
+        r = self.recipe
+        if r.gan == "none" or step < r.critic_start:
+            return "rec"
+        return "critic-warmup" if step < r.disc_start else "adversarial"
+
+    def step_fn(self, phase: str, lpips: LPIPSModel) -> Callable:
+        """``step(state, batch, rng) -> (state, metrics)`` for one phase (jitted, state donated)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase {phase!r} not in {PHASES}")
+        if phase != "rec" and self.recipe.gan == "none":
+            raise ValueError(f"phase {phase!r} needs a GAN, but recipe.gan is 'none'")
+        jitted = _jitted_step(self, phase)
+        return lambda state, batch, rng: jitted(state, batch, rng, lpips)
+
+    def eval_fn(self) -> Callable:
+        """``reconstruct(params, x01, ema=True) -> y01`` with the posterior mean (for validation)."""
+        model = self.model
+
+        @partial(jax.jit, static_argnums=())
+        def recon(vae_params, x01):
+            p = vae_params
+            post = model.apply({"params": p}, to_model_range(x01), method=model.encode)
+            return from_model_range(model.apply({"params": p}, post.mode(), method=model.decode))
+
+        return recon
+
+
+def _global_norm(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(l.astype(jnp.float32))) for l in leaves)) if leaves else jnp.zeros(())
+
+
+def _last_layer_grad(h: jax.Array, kernel: jax.Array, cotangent: jax.Array) -> jax.Array:
+    """dL/dW of ``y = conv3x3(h, W)`` for an image-space cotangent ``dL/dy`` (float32)."""
+
+    def conv(w):
+        return lax.conv_general_dilated(h.astype(jnp.float32), w, (1, 1), [(1, 1), (1, 1)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    return jax.vjp(conv, kernel.astype(jnp.float32))[1](cotangent.astype(jnp.float32))[0]
+
+
+def _kl_term(post, image_shape) -> jax.Array:
+    """Per-sample KL summed over latent dims, divided by the pixel count H W C. LDM sums both its nll and
+    its KL per sample; our pixel terms are means, so dividing the KL sum by H W C keeps LDM's kl_weight."""
+    h, w, c = image_shape[1:]
+    return post.kl() / (h * w * c)
+
+
+_STEP_CACHE: dict = {}
+
+
+def _jitted_step(trainer: Trainer, phase: str):
+    key = (trainer, phase)
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = jax.jit(partial(_train_step, trainer, phase), donate_argnums=(0,))
+    return _STEP_CACHE[key]
+
+
+def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel):
+    """Gradient of the generator's total loss w.r.t. the trainable params, its metrics, and the (detached)
+    decoded images: ``L = L_rec + kl_weight KL + w L_adv`` with one decoder backward (module docstring)."""
+    r, model, critic = trainer.recipe, trainer.model, trainer.critic
+    xm = to_model_range(x01)
+    rng_z = jax.random.fold_in(rng, 1)
+
+    if r.stage == "finetune":
+        # The encoder is frozen: it runs outside the differentiated function, so it has no backward.
+        post = model.apply({"params": merge_params(state.params, state.frozen)}, xm, method=model.encode)
+        z_fixed = lax.stop_gradient(post.sample(rng_z) if r.latent == "sample" else post.mode())
+
+    def forward(trainable):
+        p = merge_params(trainable, state.frozen)
+        if r.stage == "finetune":
+            z, kl = z_fixed, jnp.zeros((), jnp.float32)
+        else:
+            post = model.apply({"params": p}, xm, method=model.encode)
+            z = post.sample(rng_z) if r.latent == "sample" else post.mode()
+            kl = jnp.mean(_kl_term(post, x01.shape))
+        y, h = model.apply({"params": p}, z, method=model.decode_with_features)
+        return (y, kl), h
+
+    (y, kl), vjp_fn, h = jax.vjp(forward, state.params, has_aux=True)
+
+    if r.mae_schedule:
+        w_mae, w_mse = furception_pixel_weights(state.step, steps=r.mae_schedule_steps)
+    else:
+        w_mae, w_mse = r.w_mae, r.w_mse
+    xm_target = lax.stop_gradient(xm)
+
+    def rec_loss(y):
+        pix = pixel_loss(from_model_range(y), x01, r.loss_space, w_mae, w_mse, r.channel_weights)
+        lp = lpips_distance(lpips, y, xm_target, dtype=r.dtype, check=False) if r.lpips_weight else jnp.zeros_like(pix)
+        return jnp.mean(pix) + r.lpips_weight * jnp.mean(lp), (jnp.mean(pix), jnp.mean(lp))
+
+    (rec, (pix, lp)), g_rec = jax.value_and_grad(rec_loss, has_aux=True)(y)
+    # The anchors fed LPIPS [0, 1] targets; log that the target really is in the model range [-1, 1].
+    metrics = {"lpips/target_range_ok": lpips_input_range_ok(xm_target, xm_target), "loss/rec": rec, "loss/pixel": pix, "loss/lpips": lp, "loss/kl": kl, "w_mae": w_mae, "w_mse": w_mse}
+    g_y = g_rec
+    if phase == "adversarial":
+        objective = trainer.objective
+
+        def adv_loss(y):
+            d = critic.apply({"params": state.critic_params}, critic_input(y, r.critic_space))
+            return jnp.mean(objective.generator_loss(d))
+
+        adv, g_adv = jax.value_and_grad(adv_loss)(y)
+        kernel = state.params["decoder"]["conv_out"]["kernel"]
+        n_rec = jnp.linalg.norm(_last_layer_grad(h, kernel, g_rec))
+        n_adv = jnp.linalg.norm(_last_layer_grad(h, kernel, g_adv))
+        w = adaptive_gan_weight(n_rec, n_adv, r.adaptive_ratio, r.adaptive_eps, r.adaptive_max)
+        g_y = g_rec + w * g_adv
+        metrics.update({"loss/g_adv": adv, "adaptive_weight": w, "grad_norm/rec_last_layer": n_rec,
+                        "grad_norm/adv_last_layer": n_adv})
+    grads = vjp_fn((g_y, jnp.asarray(r.kl_weight, jnp.float32)))[0]
+    total = rec + r.kl_weight * kl + (metrics["adaptive_weight"] * metrics["loss/g_adv"] if phase == "adversarial" else 0.0)
+    metrics["loss/total"] = total
+    return grads, metrics, lax.stop_gradient(y)
+
+
+def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel):
+    grads, metrics, fake = generator_grads(trainer, phase, state, x01, rng, lpips)
+    r = trainer.recipe
+    updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema, params, r.ema_decay)
+    metrics.update({"gen/grad_norm": _global_norm(grads),
+                    "gen/param_norm": _global_norm(params), "gen/update_norm": _global_norm(updates)})
+    state = state.replace(params=params, opt_state=opt_state, ema=ema)
+    return state, metrics, fake
+
+
+def _critic_update(trainer: Trainer, state: TrainState, real_m, fake_m, rng):
+    r, critic, objective = trainer.recipe, trainer.critic, trainer.objective
+    real = critic_input(real_m, r.critic_space)
+    fake = critic_input(fake_m, r.critic_space)
+
+    def loss_fn(cp):
+        critic_fn = lambda x: critic.apply({"params": cp}, x)  # noqa: E731
+        terms = critic_loss_terms(objective, critic_fn, real, fake, rng)
+        return jnp.mean(terms["total"]), terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic_params)
+    updates, opt_state = trainer.critic_tx.update(grads, state.critic_opt_state, state.critic_params)
+    cparams = optax.apply_updates(state.critic_params, updates)
+    d_real, d_fake = jnp.mean(terms["d_real"]), jnp.mean(terms["d_fake"])
+    metrics = {"critic/loss": loss, "critic/objective": jnp.mean(terms["critic_loss"]),
+               "critic/penalty": jnp.mean(terms["penalty"]), "critic/drift": jnp.mean(terms["drift"]),
+               "critic/d_real": d_real, "critic/d_fake": d_fake, "critic/wasserstein": d_real - d_fake,
+               "critic/grad_norm": _global_norm(grads), "critic/param_norm": _global_norm(cparams),
+               "critic/update_norm": _global_norm(updates)}
+    return state.replace(critic_params=cparams, critic_opt_state=opt_state), metrics
+
+
+def _train_step(trainer: Trainer, phase: str, state: TrainState, batch, rng, lpips: LPIPSModel):
+    x01 = batch["image"].astype(jnp.float32)
+    rng_g, rng_c = jax.random.split(rng)
+    state, metrics, fake = _generator_update(trainer, phase, state, x01, rng_g, lpips)
+    if phase != "rec":
+        state, cm = _critic_update(trainer, state, to_model_range(x01), fake, rng_c)
+        metrics.update(cm)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    return state.replace(step=state.step + 1), metrics

@@ -1,0 +1,175 @@
+"""Train steps: adaptive weight, one-backward gradient vs plain autodiff, EMA, overfit, bf16, validation."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fvae_core.autoencoder import AutoencoderKL, VAEConfig, init_params
+from fvae_core.conventions import from_model_range, to_model_range
+from fvae_core.critic import critic_input
+from fvae_core.data import skimage_photo
+from fvae_core.losses import adaptive_gan_weight, pixel_loss
+from fvae_core.lpips import load_lpips, lpips_distance
+from fvae_core.train_steps import (RecipeConfig, Trainer, ema_decay_for_batch, ema_update, generator_grads,
+                                   merge_params)
+
+E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
+CFG = VAEConfig(block_out_channels=(16, 32), down_block_types=(E,) * 2, up_block_types=(D,) * 2,
+                norm_num_groups=8, latent_channels=4)
+BASE = RecipeConfig(critic_ndf=8, lr=2e-3, critic_lr=1e-4, warmup_steps=0, mae_schedule=False, w_mae=1.0,
+                    w_mse=1.0, lpips_weight=0.5)
+
+
+@pytest.fixture(scope="module")
+def lp():
+    return load_lpips("alexnet")  # the cheap backbone; VGG is the default in recipes
+
+
+@pytest.fixture(scope="module")
+def batch():
+    img = skimage_photo("astronaut")[::8, ::8][:32, :32]  # a real, structured 32x32 image
+    img2 = skimage_photo("coffee")[::8, ::8][10:42, 20:52]
+    return {"image": jnp.asarray(np.stack([img, img2]).astype(np.float32) / 255.0)}
+
+
+def _leaves(t):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(t)]
+
+
+def test_adaptive_weight_halves_the_gradient_norm():
+    rng = np.random.default_rng(0)
+    for scale in [1e-3, 1.0, 30.0]:
+        g_rec = rng.normal(size=(3, 3, 16, 3))
+        g_adv = scale * rng.normal(size=(3, 3, 16, 3))
+        w = float(adaptive_gan_weight(np.linalg.norm(g_rec), np.linalg.norm(g_adv), eps=1e-8))
+        assert abs(np.linalg.norm(w * g_adv) / np.linalg.norm(g_rec) - 0.5) < 1e-3
+    # Clamped to [0, 1e4] before the ratio (LDM), and never differentiated.
+    assert float(adaptive_gan_weight(1.0, 0.0)) == pytest.approx(0.5 * 1e4)
+    assert float(jax.grad(lambda a: adaptive_gan_weight(a, 2.0))(1.0)) == 0.0
+
+
+def test_generator_gradient_equals_plain_autodiff_of_total_loss(lp, batch):
+    """The one-backward gradient (image-space cotangents, last-layer norms, linearity) against jax.grad of
+    the written-out total loss through the whole decoder, and the step's last-layer norms against the
+    full-autodiff gradient of the decoder's conv_out kernel."""
+    recipe = dataclasses.replace(BASE, gan="wgan-gp", latent="mean")
+    tr = Trainer(recipe, CFG)
+    state = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+    x01 = batch["image"]
+    grads, m, _ = jax.jit(lambda s, x, r, l: generator_grads(tr, "adversarial", s, x, r, l))(
+        state, x01, jax.random.PRNGKey(2), lp)
+    model, critic = tr.model, tr.critic
+    z = model.apply({"params": merge_params(state.params, state.frozen)}, to_model_range(x01), method=model.encode).mode()
+
+    def losses(trainable):
+        y = model.apply({"params": merge_params(trainable, state.frozen)}, z, method=model.decode)
+        rec = jnp.mean(pixel_loss(from_model_range(y), x01, "oklab", 1.0, 1.0)) + \
+            0.5 * jnp.mean(lpips_distance(lp, y, to_model_range(x01), check=False))
+        adv = -jnp.mean(critic.apply({"params": state.critic_params}, critic_input(y, "oklab")))
+        return rec, adv
+
+    g_rec = jax.grad(lambda p: losses(p)[0])(state.params)
+    g_adv = jax.grad(lambda p: losses(p)[1])(state.params)
+    n_rec = np.linalg.norm(g_rec["decoder"]["conv_out"]["kernel"])
+    n_adv = np.linalg.norm(g_adv["decoder"]["conv_out"]["kernel"])
+    np.testing.assert_allclose(float(m["grad_norm/rec_last_layer"]), n_rec, rtol=1e-4)
+    np.testing.assert_allclose(float(m["grad_norm/adv_last_layer"]), n_adv, rtol=1e-4)
+    w = float(m["adaptive_weight"])
+    np.testing.assert_allclose(w, 0.5 * n_rec / (n_adv + 1e-4), rtol=1e-4)
+    expected = jax.tree_util.tree_map(lambda a, b: a + w * b, g_rec, g_adv)
+    for a, b in zip(_leaves(grads), _leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6 * max(1.0, np.abs(b).max()))
+    # After weighting, the adversarial gradient norm at W is half the reconstruction one.
+    assert abs(w * n_adv / n_rec - 0.5) < 1e-3
+
+
+def test_ema_matches_hand_computation():
+    assert ema_decay_for_batch(32) == pytest.approx(1 - 0.001 * 32 / 192)
+    assert ema_decay_for_batch(32) == pytest.approx(0.999833, abs=1e-6)
+    assert ema_decay_for_batch(192) == pytest.approx(0.999)
+    ema = {"a": np.array([1.0, 2.0], np.float32), "b": {"c": np.array(3.0, np.float32)}}
+    seq = [{"a": np.array([3.0, -1.0], np.float32), "b": {"c": np.array(5.0, np.float32)}},
+           {"a": np.array([0.0, 0.5], np.float32), "b": {"c": np.array(-2.0, np.float32)}}]
+    ea, ec = np.array([1.0, 2.0]), 3.0
+    for p in seq:
+        ema = ema_update(ema, p, 0.9)
+        ea, ec = 0.9 * ea + 0.1 * p["a"], 0.9 * ec + 0.1 * float(p["b"]["c"])
+    np.testing.assert_allclose(ema["a"], ea, rtol=1e-6)
+    np.testing.assert_allclose(ema["b"]["c"], ec, rtol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_30_step_overfit_lowers_reconstruction_loss(stage, lp, batch):
+    recipe = dataclasses.replace(BASE, stage=stage, gan="none", kl_weight=1e-6 if stage == "pretrain" else 0.0,
+                                 ema_decay=0.9)
+    tr = Trainer(recipe, CFG)
+    state = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+    frozen0, ema0 = _leaves(state.frozen), _leaves(state.ema)
+    step = tr.step_fn("rec", lp)
+    losses = []
+    for i in range(30):
+        state, m = step(state, batch, jax.random.PRNGKey(i))
+        losses.append(float(m["loss/rec"]))
+        assert all(np.isfinite(float(v)) for v in m.values())
+        assert float(m["lpips/target_range_ok"]) == 1.0
+    assert int(state.step) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
+    if stage == "finetune":
+        assert set(state.params) == {"decoder", "post_quant_conv"}
+        assert all(np.array_equal(a, b) for a, b in zip(frozen0, _leaves(state.frozen)))
+    else:
+        assert set(state.params) >= {"encoder", "decoder"} and state.frozen == {}
+        assert float(m["loss/kl"]) > 0
+    assert not all(np.array_equal(a, b) for a, b in zip(ema0, _leaves(state.ema)))  # EMA moves
+
+
+def test_gan_phases_train_the_critic_and_stay_finite(lp, batch):
+    recipe = dataclasses.replace(BASE, gan="wgan-gp", critic_start=1, disc_start=2, drift_weight=1e-3)
+    tr = Trainer(recipe, CFG)
+    state = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+    assert [tr.phase_for_step(i) for i in range(3)] == ["rec", "critic-warmup", "adversarial"]
+    c0 = _leaves(state.critic_params)
+    for i in range(3):
+        phase = tr.phase_for_step(i)
+        params_before = _leaves(state.critic_params)
+        state, m = tr.step_fn(phase, lp)(state, batch, jax.random.PRNGKey(i))
+        assert all(np.isfinite(float(v)) for v in m.values()), m
+        moved = not all(np.array_equal(a, b) for a, b in zip(params_before, _leaves(state.critic_params)))
+        assert moved == (phase != "rec")
+    for key in ["adaptive_weight", "critic/penalty", "critic/wasserstein", "critic/d_real", "critic/d_fake",
+                "gen/update_norm", "critic/update_norm", "grad_norm/rec_last_layer"]:
+        assert key in m
+    assert float(m["adaptive_weight"]) > 0
+    assert not all(np.array_equal(a, b) for a, b in zip(c0, _leaves(state.critic_params)))
+
+
+def test_bf16_step_is_finite_and_close_to_fp32(lp, batch):
+    out = {}
+    for dt in ["float32", "bfloat16"]:
+        tr = Trainer(dataclasses.replace(BASE, gan="none", compute_dtype=dt), CFG)
+        state = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+        _, m = tr.step_fn("rec", lp)(state, batch, jax.random.PRNGKey(0))
+        out[dt] = {k: float(v) for k, v in m.items()}
+        assert all(np.isfinite(v) for v in out[dt].values())
+    for k in ["loss/pixel", "loss/lpips", "loss/rec"]:
+        assert out["bfloat16"][k] == pytest.approx(out["float32"][k], rel=0.05), k
+    # bf16 (8-bit mantissa) gradients through a deep random-init net: measured 7% off in norm here.
+    assert out["bfloat16"]["gen/grad_norm"] == pytest.approx(out["float32"]["gen/grad_norm"], rel=0.15)
+    assert out["bfloat16"]["loss/pixel"] != out["float32"]["loss/pixel"]  # bf16 really was used
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(critic_norm="batch", gan="wgan-gp"), "batch"),
+    (dict(stage="distill"), "stage"),
+    (dict(critic_start=10, disc_start=5), "critic_start"),
+    (dict(loss_space="lab"), "loss_space"),
+    (dict(compute_dtype="float16"), "compute_dtype"),
+])
+def test_recipe_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        RecipeConfig(**kw)
+    assert RecipeConfig(critic_norm="batch", gan="hinge").critic_norm == "batch"
