@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fvae_core.conv import conv2d
+
 Dtype = Any
 
 
@@ -226,10 +228,8 @@ class Conv(nn.Module):
         if k == 1 and self.stride == 1:
             y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         else:
-            y = lax.conv_general_dilated(
-                x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride), pad,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            # lax.conv_general_dilated, with a faster gradient for wide stride-1 convs (fvae_core.conv).
+            y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
         return y + bias.astype(self.dtype)
 
 
@@ -376,7 +376,7 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z):
+    def __call__(self, z, return_features: bool = False):
         cfg, dt = self.config, self.dtype
         g, act = cfg.norm_num_groups, cfg.act_fn
         rev = list(reversed(cfg.block_out_channels))
@@ -388,7 +388,8 @@ class Decoder(nn.Module):
             if i < len(rev) - 1:
                 h = Conv(ch, 3, dtype=dt, name=f"up_blocks_{i}_upsamplers_0_conv")(_upsample_nearest2x(h))
         h = jax.nn.silu(GroupNorm(g, dtype=dt, name="conv_norm_out")(h))  # SiLU whatever act_fn (as diffusers)
-        return Conv(cfg.out_channels, 3, dtype=dt, name="conv_out")(h)
+        y = Conv(cfg.out_channels, 3, dtype=dt, name="conv_out")(h)
+        return (y, h) if return_features else y
 
 
 class AutoencoderKL(nn.Module):
@@ -422,6 +423,14 @@ class AutoencoderKL(nn.Module):
         if self.config.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
+
+    def decode_with_features(self, z) -> tuple[jax.Array, jax.Array]:
+        """:meth:`decode`, plus the input of ``decoder.conv_out`` (the last layer), from which the
+        gradient of any image-space loss w.r.t. the last-layer kernel follows cheaply (adaptive GAN weight)."""
+        if self.config.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        y, h = self.decoder(z, return_features=True)
+        return y.astype(jnp.float32), h
 
     def __call__(self, x, rng=None):
         """Reconstruct: decode(sample) when ``rng`` is given, else decode(mode)."""
