@@ -238,6 +238,17 @@ class Trainer:
         jitted = _jitted_step(self, phase)
         return lambda state, batch, rng: jitted(state, batch, rng, lpips)
 
+    def critic_step_fn(self) -> Callable:
+        """``critic_step(state, batch, rng) -> (state, metrics)``: a critic-only update (jitted, state
+        donated), for several critic iterations per generator step (WGAN-GP's n_critic). ``batch["fake"]``
+        (model range [-1, 1]) is used when given, else fakes are decoded from the current params."""
+        if self.recipe.gan == "none":
+            raise ValueError("critic_step_fn needs a GAN, but recipe.gan is 'none'")
+        key = (self, "critic-only")
+        if key not in _STEP_CACHE:
+            _STEP_CACHE[key] = jax.jit(partial(_critic_step, self), donate_argnums=(0,))
+        return _STEP_CACHE[key]
+
     def eval_fn(self) -> Callable:
         """``reconstruct(params, x01, ema=True) -> y01`` with the posterior mean (for validation)."""
         model = self.model
@@ -387,3 +398,18 @@ def _train_step(trainer: Trainer, phase: str, state: TrainState, batch, rng, lpi
         metrics.update(cm)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return state.replace(step=state.step + 1), metrics
+
+
+def _critic_step(trainer: Trainer, state: TrainState, batch, rng):
+    x01 = batch["image"].astype(jnp.float32)
+    rng_z, rng_c = jax.random.split(rng)
+    if "fake" in batch:
+        fake = batch["fake"].astype(jnp.float32)
+    else:
+        model, r = trainer.model, trainer.recipe
+        p = merge_params(state.params, state.frozen)
+        post = model.apply({"params": p}, to_model_range(x01), method=model.encode)
+        z = post.sample(rng_z) if r.latent == "sample" else post.mode()
+        fake = lax.stop_gradient(model.apply({"params": p}, z, method=model.decode))
+    state, metrics = _critic_update(trainer, state, to_model_range(x01), fake, rng_c)
+    return state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}

@@ -145,6 +145,12 @@ def test_gan_phases_train_the_critic_and_stay_finite(lp, batch):
         assert key in m
     assert float(m["adaptive_weight"]) > 0
     assert not all(np.array_equal(a, b) for a, b in zip(c0, _leaves(state.critic_params)))
+    # A critic-only step (n_critic > 1) moves the critic and nothing else.
+    gen_before, c_before = _leaves(state.params), _leaves(state.critic_params)
+    state, m = tr.critic_step_fn()(state, batch, jax.random.PRNGKey(9))
+    assert all(np.isfinite(float(v)) for v in m.values()) and "critic/penalty" in m
+    assert all(np.array_equal(a, b) for a, b in zip(gen_before, _leaves(state.params)))
+    assert not all(np.array_equal(a, b) for a, b in zip(c_before, _leaves(state.critic_params)))
 
 
 def test_bf16_step_is_finite_and_close_to_fp32(lp, batch):
