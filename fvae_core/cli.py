@@ -101,6 +101,10 @@ def main(argv=None) -> int:
     except (UsageError, ConfigError, WeightError, ImageError) as e:
         print(f"fvae: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable output, a file where a folder is expected, disk full, ...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"fvae: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fvae: interrupted", file=sys.stderr)
         return 130

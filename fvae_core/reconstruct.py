@@ -77,6 +77,9 @@ def reconstruct_files(config: VAEConfig, params, paths: Sequence[str | Path], ou
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(20, "output path exists and is not a folder", str(out_dir))
+    inputs = {Path(p).resolve() for p in paths}
     report = ReconstructReport([], [])
     used: set[str] = set()
     base = jax.random.PRNGKey(seed)
@@ -92,6 +95,16 @@ def reconstruct_files(config: VAEConfig, params, paths: Sequence[str | Path], ou
             continue
         y = reconstruct_array(config, params, rgb, mode=mode, rng=jax.random.fold_in(base, i), dtype=dtype)
         dest = out_dir / (_unique_name(p.stem, used) + ".png")
-        save_png(dest, y)
+        if dest.resolve() in inputs:
+            msg = f"{p}: refusing to overwrite an input image with its reconstruction; choose another --out"
+            report.failed.append((p, msg))
+            log(f"skipped: {msg}")
+            continue
+        try:
+            save_png(dest, y)
+        except OSError as e:
+            report.failed.append((p, f"cannot write {dest}: {e.strerror or e}"))
+            log(f"skipped: {p}: cannot write {dest}: {e.strerror or e}")
+            continue
         report.written.append(dest)
     return report

@@ -250,16 +250,18 @@ class Trainer:
         return _STEP_CACHE[key]
 
     def eval_fn(self) -> Callable:
-        """``reconstruct(params, x01, ema=True) -> y01`` with the posterior mean (for validation)."""
-        model = self.model
+        """``reconstruct(vae_params, x01) -> y01`` with the posterior mean, jitted and cached. ``vae_params``
+        is a full param tree, e.g. ``merge_params(state.ema, state.frozen)`` for the release weights."""
+        key = (self, "eval")
+        if key not in _STEP_CACHE:
+            model = self.model
 
-        @partial(jax.jit, static_argnums=())
-        def recon(vae_params, x01):
-            p = vae_params
-            post = model.apply({"params": p}, to_model_range(x01), method=model.encode)
-            return from_model_range(model.apply({"params": p}, post.mode(), method=model.decode))
+            def recon(vae_params, x01):
+                post = model.apply({"params": vae_params}, to_model_range(x01), method=model.encode)
+                return from_model_range(model.apply({"params": vae_params}, post.mode(), method=model.decode))
 
-        return recon
+            _STEP_CACHE[key] = jax.jit(recon)
+        return _STEP_CACHE[key]
 
 
 def _global_norm(tree) -> jax.Array:

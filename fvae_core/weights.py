@@ -377,7 +377,8 @@ def load_vae(src: str | os.PathLike, *, config: VAEConfig | str | os.PathLike | 
     if p.is_file():
         return load_single_file(p, config=config, allow_pickle=allow_pickle)
     s = str(src)
-    if p.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES or s.startswith((".", "/", "~")):
+    local_parent = str(p.parent) not in ("", ".") and p.parent.is_dir()  # "models/myvae" with models/ here
+    if p.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES or s.startswith((".", "/", "~")) or local_parent:
         raise WeightError(f"VAE source {s} does not exist")
     if _HUB_ID.match(s):
         return load_from_hub(s)
@@ -389,8 +390,12 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        # mkstemp (and safetensors' own writer) leave 0600, which would make exports private to the owner.
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -400,11 +405,11 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _check_finite(params) -> None:
-    bad = [flax_path_to_diffusers_key(p) for p, v in traverse_util.flatten_dict(dict(params)).items()
-           if not np.all(np.isfinite(np.asarray(v)))]
+def _check_finite(state: Mapping[str, np.ndarray], dtype: str) -> None:
+    """After the cast to the stored dtype: fp16 overflows (|w| > 65504) become inf and are refused too."""
+    bad = [k for k, v in state.items() if not np.all(np.isfinite(v))]
     if bad:
-        raise WeightError(f"refusing to export non-finite weights: {_fmt_keys(bad)}")
+        raise WeightError(f"refusing to export non-finite weights (as {dtype}): {_fmt_keys(bad)}")
 
 
 _DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -414,9 +419,10 @@ def save_diffusers_folder(folder: str | os.PathLike, config: VAEConfig, params, 
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (loadable by diffusers)."""
     from safetensors.numpy import save_file
 
-    _check_finite(params)
     folder = Path(folder)
-    state = diffusers_state_dict_from_params(params, _DTYPES[dtype])
+    with np.errstate(over="ignore"):
+        state = diffusers_state_dict_from_params(params, _DTYPES[dtype])
+    _check_finite(state, dtype)
     _atomic_write(folder / DIFFUSERS_WEIGHTS, lambda t: save_file(state, t, metadata={"format": "pt"}))
     _atomic_write(folder / CONFIG_NAME, lambda t: Path(t).write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
     return folder
@@ -426,10 +432,11 @@ def save_single_file(path: str | os.PathLike, config: VAEConfig, params, dtype: 
     """Write an LDM-keyed single ``.safetensors`` (A1111 / ComfyUI ``models/vae``)."""
     from safetensors.numpy import save_file
 
-    _check_finite(params)
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise WeightError(f"single-file export must end in .safetensors, got {path}")
-    state = ldm_state_dict_from_diffusers(diffusers_state_dict_from_params(params, _DTYPES[dtype]), config)
+    with np.errstate(over="ignore"):
+        state = ldm_state_dict_from_diffusers(diffusers_state_dict_from_params(params, _DTYPES[dtype]), config)
+    _check_finite(state, dtype)
     _atomic_write(path, lambda t: save_file(state, t, metadata={"format": "pt"}))
     return path

@@ -116,3 +116,23 @@ def test_export_cli_roundtrip_and_errors(vae_folder, tmp_path, capsys):
     assert main(["export", "--vae", "owner/missing-vae", "--format", "diffusers", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "owner/missing-vae" in err and "local folder" in err and "\n" not in err
+
+
+def test_output_errors_are_one_line_and_inputs_never_overwritten(vae_folder, tmp_path, capsys):
+    folder, _, _ = vae_folder
+    img = tmp_path / "in.png"
+    Image.fromarray(_smooth_image(16, 24, 0)).save(img)
+    original = img.read_bytes()
+    # --out is the input folder: the input must survive, and the file is reported as skipped.
+    assert main(["reconstruct", "--vae", str(folder), str(img), "--out", str(tmp_path)]) == 2
+    assert img.read_bytes() == original
+    assert "refusing to overwrite an input" in capsys.readouterr().err
+    # --out is an existing file: one line, exit 2, no traceback.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    assert main(["reconstruct", "--vae", str(folder), str(img), "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fvae: error:") and "\n" not in err and "blocker" in err
+    assert main(["export", "--vae", str(folder), "--format", "diffusers", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fvae: error:") and "\n" not in err

@@ -118,6 +118,10 @@ def test_30_step_overfit_lowers_reconstruction_loss(stage, lp, batch):
         assert float(m["lpips/target_range_ok"]) == 1.0
     assert int(state.step) == 30
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
+    recon = tr.eval_fn()
+    assert recon is tr.eval_fn()  # cached: validation does not recompile
+    y = recon(merge_params(state.ema, state.frozen), batch["image"])
+    assert y.shape == batch["image"].shape and bool(jnp.all(jnp.isfinite(y)))
     if stage == "finetune":
         assert set(state.params) == {"decoder", "post_quant_conv"}
         assert all(np.array_equal(a, b) for a, b in zip(frozen0, _leaves(state.frozen)))

@@ -231,3 +231,31 @@ def test_core_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_fp16_overflow_is_refused_not_written_as_inf(sd_like, tmp_path):
+    cfg, _, _, params = sd_like
+    p = jax.tree_util.tree_map(np.array, params)
+    p["decoder"]["conv_out"]["bias"][0] = 1e5  # finite in fp32, inf in fp16
+    with pytest.raises(W.WeightError, match="non-finite weights \\(as fp16\\)"):
+        W.save_single_file(tmp_path / "h.safetensors", cfg, p, dtype="fp16")
+    assert not any(tmp_path.iterdir())
+    W.save_single_file(tmp_path / "f.safetensors", cfg, p, dtype="fp32")  # fine in fp32
+
+
+def test_exported_files_follow_the_umask_not_0600(sd_like, tmp_path):
+    cfg, _, _, params = sd_like
+    old = os.umask(0o022)
+    try:
+        W.save_diffusers_folder(tmp_path / "vae", cfg, params)
+    finally:
+        os.umask(old)
+    for name in ["config.json", "diffusion_pytorch_model.safetensors"]:
+        assert (tmp_path / "vae" / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_mistyped_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(W.WeightError, match="models/myvae does not exist"):
+        W.load_vae("models/myvae")
