@@ -420,9 +420,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z) -> jax.Array:
         """Unscaled NHWC latents -> [-1, 1] NHWC images (float32, not clamped)."""
-        if self.config.use_post_quant_conv:
-            z = self.post_quant_conv(z)
-        return self.decoder(z).astype(jnp.float32)
+        return self.decode_with_features(z)[0]  # the unused features cost nothing under jit (DCE)
 
     def decode_with_features(self, z) -> tuple[jax.Array, jax.Array]:
         """:meth:`decode`, plus the input of ``decoder.conv_out`` (the last layer), from which the

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from jax.tree_util import tree_leaves as _leaves
 from PIL import Image
 
 from fvae_core.autoencoder import PRESET_CONFIGS, init_params
@@ -113,9 +114,3 @@ def run_demo(out_dir: Path, vae_src: str | None = None, size: int = 256) -> int:
     cols = "input | fvae | diffusers | 64x|fvae - diffusers|" if len(rows[0]) == 4 else "input | fvae"
     print(f"\nwrote {out_dir / 'demo_grid.png'} (columns: {cols}) and {out_dir / 'summary.json'}")
     return 0
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree_util.tree_leaves(tree)

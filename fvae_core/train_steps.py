@@ -145,7 +145,7 @@ def make_optimizer(lr: float, warmup_steps: int = 0, b1: float = 0.5, b2: float 
                    weight_decay: float = 0.0, grad_clip: float | None = None) -> optax.GradientTransformation:
     """AdamW with LDM's betas (0.5, 0.9), linear LR warm-up, optional global-norm clipping."""
     sched = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts = [optax.clip_byoptax.global_norm(grad_clip)] if grad_clip else []
     parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.chain(*parts)
 
@@ -235,7 +235,7 @@ class Trainer:
             raise ValueError(f"phase {phase!r} not in {PHASES}")
         if phase != "rec" and self.recipe.gan == "none":
             raise ValueError(f"phase {phase!r} needs a GAN, but recipe.gan is 'none'")
-        jitted = _jitted_step(self, phase)
+        jitted = _cached_jit((self, phase), partial(_train_step, self, phase), donate_argnums=(0,))
         return lambda state, batch, rng: jitted(state, batch, rng, lpips)
 
     def critic_step_fn(self) -> Callable:
@@ -244,29 +244,18 @@ class Trainer:
         (model range [-1, 1]) is used when given, else fakes are decoded from the current params."""
         if self.recipe.gan == "none":
             raise ValueError("critic_step_fn needs a GAN, but recipe.gan is 'none'")
-        key = (self, "critic-only")
-        if key not in _STEP_CACHE:
-            _STEP_CACHE[key] = jax.jit(partial(_critic_step, self), donate_argnums=(0,))
-        return _STEP_CACHE[key]
+        return _cached_jit((self, "critic-only"), partial(_critic_step, self), donate_argnums=(0,))
 
     def eval_fn(self) -> Callable:
         """``reconstruct(vae_params, x01) -> y01`` with the posterior mean, jitted and cached. ``vae_params``
         is a full param tree, e.g. ``merge_params(state.ema, state.frozen)`` for the release weights."""
-        key = (self, "eval")
-        if key not in _STEP_CACHE:
-            model = self.model
+        model = self.model
 
-            def recon(vae_params, x01):
-                post = model.apply({"params": vae_params}, to_model_range(x01), method=model.encode)
-                return from_model_range(model.apply({"params": vae_params}, post.mode(), method=model.decode))
+        def recon(vae_params, x01):
+            post = model.apply({"params": vae_params}, to_model_range(x01), method=model.encode)
+            return from_model_range(model.apply({"params": vae_params}, post.mode(), method=model.decode))
 
-            _STEP_CACHE[key] = jax.jit(recon)
-        return _STEP_CACHE[key]
-
-
-def _global_norm(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(l.astype(jnp.float32))) for l in leaves)) if leaves else jnp.zeros(())
+        return _cached_jit((self, "eval"), recon)
 
 
 def _last_layer_grad(h: jax.Array, kernel: jax.Array, cotangent: jax.Array) -> jax.Array:
@@ -286,14 +275,15 @@ def _kl_term(post, image_shape) -> jax.Array:
     return post.kl() / (h * w * c)
 
 
-_STEP_CACHE: dict = {}
+_JIT_CACHE: dict = {}
 
 
-def _jitted_step(trainer: Trainer, phase: str):
-    key = (trainer, phase)
-    if key not in _STEP_CACHE:
-        _STEP_CACHE[key] = jax.jit(partial(_train_step, trainer, phase), donate_argnums=(0,))
-    return _STEP_CACHE[key]
+def _cached_jit(key, fn, **jit_kw):
+    """One jitted function per (trainer, entry point): Trainer is hashable, so repeated calls to
+    ``step_fn``/``critic_step_fn``/``eval_fn`` reuse the compiled step instead of re-tracing."""
+    if key not in _JIT_CACHE:
+        _JIT_CACHE[key] = jax.jit(fn, **jit_kw)
+    return _JIT_CACHE[key]
 
 
 def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel):
@@ -363,8 +353,8 @@ def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng,
     updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema, params, r.ema_decay)
-    metrics.update({"gen/grad_norm": _global_norm(grads),
-                    "gen/param_norm": _global_norm(params), "gen/update_norm": _global_norm(updates)})
+    metrics.update({"gen/grad_norm": optax.global_norm(grads),
+                    "gen/param_norm": optax.global_norm(params), "gen/update_norm": optax.global_norm(updates)})
     state = state.replace(params=params, opt_state=opt_state, ema=ema)
     return state, metrics, fake
 
@@ -386,8 +376,8 @@ def _critic_update(trainer: Trainer, state: TrainState, real_m, fake_m, rng):
     metrics = {"critic/loss": loss, "critic/objective": jnp.mean(terms["critic_loss"]),
                "critic/penalty": jnp.mean(terms["penalty"]), "critic/drift": jnp.mean(terms["drift"]),
                "critic/d_real": d_real, "critic/d_fake": d_fake, "critic/wasserstein": d_real - d_fake,
-               "critic/grad_norm": _global_norm(grads), "critic/param_norm": _global_norm(cparams),
-               "critic/update_norm": _global_norm(updates)}
+               "critic/grad_norm": optax.global_norm(grads), "critic/param_norm": optax.global_norm(cparams),
+               "critic/update_norm": optax.global_norm(updates)}
     return state.replace(critic_params=cparams, critic_opt_state=opt_state), metrics
 
 
