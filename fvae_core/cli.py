@@ -63,6 +63,69 @@ def cmd_demo(args) -> int:
     return run_demo(out_dir=Path(args.out), vae_src=args.vae, size=args.size)
 
 
+def _background(text: str) -> tuple[int, int, int]:
+    """'white', 'black', 'grey', '#rrggbb' or 'r,g,b' -> an sRGB triple."""
+    named = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
+    t = text.strip().lower()
+    try:
+        if t in named:
+            return named[t]
+        if t.startswith("#") and len(t) == 7:
+            return tuple(int(t[i:i + 2], 16) for i in (1, 3, 5))
+        rgb = tuple(int(v) for v in t.split(","))
+        if len(rgb) == 3 and all(0 <= v <= 255 for v in rgb):
+            return rgb
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a colour (white, black, grey, #rrggbb or r,g,b)")
+
+
+def cmd_data_prepare(args) -> int:
+    from fvae_core.data import SourceError
+    from fvae_core.prepare import NothingUsable, PrepareConfig, prepare
+
+    try:
+        cfg = PrepareConfig(max_side=args.max_side, min_side=args.min_side, upsample_small=args.upsample_small,
+                            background=args.background, render_size=args.render_size,
+                            max_pixels=args.max_pixels, val_fraction=args.val_fraction,
+                            shard_size=args.shard_size)
+        report = prepare(args.sources, args.out, cfg, workers=args.workers, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    except (SourceError, NothingUsable, FileExistsError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    lines = report.lines()
+    print("\n".join(lines if args.verbose or len(lines) <= 40 else lines[:40] + [
+        f"... {len(lines) - 40} more line(s) in {Path(args.out) / 'report.txt'}"]))
+    return 0
+
+
+def cmd_data_preview(args) -> int:
+    import numpy as np
+
+    from fvae_core.augment import AugmentConfig
+    from fvae_core.images import save_png
+    from fvae_core.loader import DatasetError, make_iterator, train_dataset, val_dataset
+
+    try:
+        cfg = AugmentConfig(crop=args.crop, min_scale=args.min_scale, max_scale=args.max_scale,
+                            upsample_small=args.upsample_small)
+        n = args.rows * args.cols
+        ds = (val_dataset(args.data, cfg, n) if args.split == "val"
+              else train_dataset(args.data, cfg, n, seed=args.seed, split=args.split))
+    except (DatasetError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    it = make_iterator(ds)
+    try:
+        batch = np.asarray(next(it)["image"])
+    finally:
+        it.close()
+    batch = np.concatenate([batch, np.zeros((n - len(batch),) + batch.shape[1:], np.uint8)])
+    grid = batch.reshape(args.rows, args.cols, cfg.crop, cfg.crop, 3).transpose(0, 2, 1, 3, 4)
+    out = save_png(args.out, grid.reshape(args.rows * cfg.crop, args.cols * cfg.crop, 3))
+    print(f"wrote {args.rows}x{args.cols} {args.split} crops of {cfg.crop}px to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvae", description="Furception-style VAE decoder fine-tuning in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +151,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="a VAE to use instead of the bundled random-init tiny one")
     p.add_argument("--size", type=int, default=256, help="short side the photos are resized to")
     p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="prepare and inspect training data").add_subparsers(dest="data_command",
+                                                                                         required=True)
+    p = data.add_parser("prepare", help="decode folders / openmoji / photos once into shards (exit 2 if none usable)")
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="a folder (recursive), an image file, 'openmoji' (4,495 flat-colour SVGs) or 'photos'")
+    p.add_argument("--out", required=True, help="output folder (created atomically)")
+    p.add_argument("--max-side", type=int, default=None, help="pre-downscale so the long side is at most N")
+    p.add_argument("--min-side", type=int, default=256, help="skip images whose short side is below N (default 256)")
+    p.add_argument("--upsample-small", action="store_true", help="upsample images below --min-side instead")
+    p.add_argument("--background", type=_background, default=(255, 255, 255),
+                   help="colour under transparency: white (default), black, grey, #rrggbb, r,g,b")
+    p.add_argument("--render-size", type=int, default=512, help="OpenMoji render size (default 512)")
+    p.add_argument("--max-pixels", type=int, default=89_478_485,
+                   help="refuse larger images as decompression bombs (default: Pillow's, ~89 MP)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="validation share, by content hash (0.02)")
+    p.add_argument("--shard-size", type=int, default=1000, help="records per shard file")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="print the whole report (always in report.txt)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser("preview", help="write a grid of augmented crops from a prepared dataset")
+    p.add_argument("data", help="a folder written by `fvae data prepare`")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--split", choices=("train", "val"), default="train",
+                   help="train: random augmented crops; val: the fixed centre crops")
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--min-scale", type=float, default=0.25)
+    p.add_argument("--max-scale", type=float, default=1.0)
+    p.add_argument("--upsample-small", action="store_true")
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--cols", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_preview)
     return parser
 
 

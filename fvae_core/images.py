@@ -23,19 +23,22 @@ Every failure is an :class:`ImageError` with a one-line message naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import secrets
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from fvae_core.conventions import uint8_from_unit, unit_from_uint8
 
-__all__ = ["IMAGE_SUFFIXES", "ImageError", "find_images", "load_rgb", "save_png"]
+__all__ = ["IMAGE_SUFFIXES", "Decoded", "ImageError", "decode_image", "find_images", "load_rgb", "save_png",
+           "scan_folder"]
 
 #: File suffixes (lower case) that :func:`find_images` treats as images.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -68,33 +71,81 @@ class _Unsupported(Exception):
 # --------------------------------------------------------------------------------------- reading
 
 
-def load_rgb(path, background=(255, 255, 255)) -> np.ndarray:
+def load_rgb(path, background=(255, 255, 255), max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file into a ``uint8`` HxWx3 sRGB array.
 
     ``background`` (an RGB triple of 0..255 ints, sRGB) is what transparent pixels are composited
-    over. Raises :class:`ImageError` for any file that cannot be decoded.
+    over. ``max_pixels`` (default: Pillow's limit, about 89 MP) refuses larger images as possible
+    decompression bombs before their pixels are decoded. Raises :class:`ImageError` for any file
+    that cannot be decoded.
     """
-    path = Path(path)
+    return decode_image(path, background=background, max_pixels=max_pixels).rgb
+
+
+class Decoded(NamedTuple):
+    """What :func:`decode_image` returns: the sRGB pixels and what was done to get them."""
+
+    rgb: np.ndarray  # uint8 HxWx3 sRGB
+    mode: str  # the file's Pillow mode, e.g. "RGB", "I;16", "CMYK", "P"
+    notes: tuple[str, ...]  # conversions applied: orientation, profile, alpha, bit depth, frames
+
+
+def decode_image(source, *, name=None, background=(255, 255, 255), max_pixels: int | None = None) -> Decoded:
+    """:func:`load_rgb`, for a path or for encoded bytes, also telling what conversions were made.
+
+    ``name`` labels bytes in error messages (default ``"<bytes>"``). ``max_pixels`` replaces
+    Pillow's process-wide decompression-bomb limit for the duration of the call (so this is not
+    thread-safe when ``max_pixels`` is given; the data pipeline decodes in processes).
+    """
+    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
+    label = Path(name if name is not None else "<bytes>") if is_bytes else Path(source)
     bg = _check_background(background)
+    if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    notes = []
     try:
-        if path.stat().st_size == 0:
+        if (len(source) if is_bytes else label.stat().st_size) == 0:
             raise _Unsupported("empty file (0 bytes)")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pixel_limit(max_pixels):
             # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; we refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if is_bytes else label) as img:
+                frames = getattr(img, "n_frames", 1)
                 img.load()  # decode now, inside the try: truncation surfaces here
                 if img.width == 0 or img.height == 0:
                     raise _Unsupported(f"zero-size image ({img.width}x{img.height})")
+                mode = img.mode
+                if frames > 1:
+                    notes.append(f"animated: used frame 1 of {frames}")
                 icc = img.info.get("icc_profile") or None
+                orientation = img.getexif().get(0x0112, 1)
                 ImageOps.exif_transpose(img, in_place=True)
+                if orientation not in (1, None):
+                    notes.append(f"EXIF orientation {orientation} applied")
                 colour, alpha, premultiplied = _split_alpha(img)
-                rgb = _colour_to_srgb(colour, icc)
+                rgb = _colour_to_srgb(colour, icc, notes)
     except MemoryError:
         raise
     except Exception as exc:  # Pillow's decoders raise many types; none may escape raw.
-        raise ImageError(path, _reason(exc)) from exc
-    return _composite(rgb, alpha, bg, premultiplied)
+        raise ImageError(label, _reason(exc)) from exc
+    if mode not in ("RGB", "RGBA", "RGBX"):
+        notes.append(f"converted from mode {mode}")
+    if alpha is not None and alpha.min() < 255:
+        notes.append(f"transparency composited over {tuple(int(v) for v in bg)}")
+    return Decoded(_composite(rgb, alpha, bg, premultiplied), mode, tuple(notes))
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int | None):
+    if max_pixels is None:
+        yield
+        return
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _check_background(background) -> np.ndarray:
@@ -176,7 +227,7 @@ def _deep_to_uint8(raw: np.ndarray, mode: str) -> np.ndarray:
     return uint8_from_unit(raw.astype(np.float64) / 65535.0)
 
 
-def _colour_to_srgb(colour: Image.Image, icc: bytes | None) -> np.ndarray:
+def _colour_to_srgb(colour: Image.Image, icc: bytes | None, notes: list | None = None) -> np.ndarray:
     """8-bit colour image (+ optional embedded ICC profile) -> uint8 HxWx3 sRGB."""
     if colour.mode in ("RGBX", "YCbCr", "HSV"):
         colour = colour.convert("RGB")  # RGB-family encodings: the profile (if any) describes RGB
@@ -185,6 +236,8 @@ def _colour_to_srgb(colour: Image.Image, icc: bytes | None) -> np.ndarray:
         transform = _lab_transform()  # Lab is device-independent: no profile needed
     if transform is not None:
         colour = ImageCms.applyTransform(colour, transform)
+        if notes is not None:
+            notes.append("converted to sRGB through the embedded ICC profile" if icc else "converted from Lab")
     if colour.mode not in ("RGB", "L", "CMYK"):
         raise _Unsupported(f"unsupported image mode {colour.mode!r}")
     # Without a profile, Pillow's conversions: L is replicated, CMYK is the naive (1-C)(1-K) model.
@@ -250,18 +303,22 @@ def find_images(root) -> list[Path]:
     (``.ipynb_checkpoints``, macOS ``._x.jpg``) or :func:`save_png` files still being written.
     Symlinked files are listed; symlinked folders are not followed (no cycles).
     """
+    return scan_folder(root)[0]
+
+
+def scan_folder(root) -> tuple[list[Path], list[Path]]:
+    """``(images, others)`` under ``root``: :func:`find_images`'s list, and the sorted non-hidden
+    files it passed over because of their suffix (so that a report can say what was ignored)."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a directory")
-    found = []
+    found, others = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(
-            Path(dirpath, name)
-            for name in filenames
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
-        )
-    return sorted(found)
+        for name in filenames:
+            if not name.startswith("."):
+                (found if name.lower().endswith(IMAGE_SUFFIXES) else others).append(Path(dirpath, name))
+    return sorted(found), sorted(others)
 
 
 # ------------------------------------------------------------------------------------- writing
