@@ -14,6 +14,9 @@ Train sample (:func:`sample_crop` then :func:`apply_crop`):
 Steps 2 and 3 are done in one Pillow call that resamples only the crop's source box. That is the
 same arithmetic as resizing the whole image and then cropping (the filter still reads pixels outside
 the box), and it is what makes large photos cheap; ``tests/test_augment.py`` checks the equality.
+It is exact up to Pillow's 8-bit rounding between its two separable passes, whose order Pillow picks
+by cost and so may differ between the two calls: within one level on photographs, but on pixel noise,
+whose Lanczos overshoot is clipped to 0..255 between the passes, tens of levels.
 
 Validation (:func:`val_crops`) is deterministic: for each scale in ``val_scales`` whose resized short
 side is at least the crop, one centre crop; no rotation, no flip.

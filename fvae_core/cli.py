@@ -1,7 +1,8 @@
 """The ``fvae`` command line. Thin: parses arguments, calls the package, maps errors to exit codes.
 
 Exit codes: 0 success; 1 finished but some inputs were skipped (each reported); 2 nothing done because
-of a usage, config or weight error (one line on stderr).
+of a usage, config or weight error (one line on stderr). ``data prepare`` exits 0 whenever it wrote a
+dataset, skipped files included: its report lists them, and a few bad files among thousands are normal.
 """
 from __future__ import annotations
 

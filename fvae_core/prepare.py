@@ -13,13 +13,16 @@ Decoding is :func:`fvae_core.images.decode_image` (ICC -> sRGB, EXIF orientation
 background, palette / grey / CMYK / 16-bit), so it is decided once for the whole project.
 
 **Validation split.** Fixed by content: an image is in ``val`` when the first 64 bits of the SHA-256
-of its source bytes, read as a fraction of 2**64, are below ``val_fraction``. Adding, removing or
-renaming other files never moves an image between splits, and re-rendering OpenMoji at another size
-keeps the same split (the hash is of the SVG). If that leaves a source with two or more images and
-no validation image, its image with the smallest hash goes to ``val`` (so the 8 bundled photos give
-one). Exact duplicates (same hash) are used once and the others reported.
+of its source bytes, read as a fraction of 2**64, are below ``val_fraction``. Re-rendering OpenMoji
+at another size keeps the same split (the hash is of the SVG). If that leaves a source with two or
+more *used* images and no validation image, its used image with the smallest hash goes to ``val``
+(so a small folder still gets one). Apart from that fallback, adding, removing or renaming other
+files never moves an image between splits. Exact duplicates (same hash) are used once and the
+others reported.
 
-Records are written in source order, so the output is a pure function of the inputs and settings.
+Records are written in source order, except that each source's smallest-hash training image is held
+back until the source's other images are decoded (it is the fallback); the output is a pure function
+of the inputs and settings.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import dataclasses
 import datetime
 import json
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import os
 import secrets
 import shutil
@@ -36,10 +41,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fvae_core.data import decode_item, item_bytes, resolve_sources, sha256
+from fvae_core.data import BUILTIN_SOURCES, decode_item, item_bytes, resolve_sources, sha256
 from fvae_core.images import ImageError
 
-__all__ = ["DATASET_FORMAT", "NothingUsable", "PrepareConfig", "PrepareReport", "prepare", "val_fraction_of"]
+__all__ = ["DATASET_FORMAT", "NothingUsable", "PrepareConfig", "PrepareFailed", "PrepareReport", "prepare",
+           "val_fraction_of"]
 
 DATASET_FORMAT = "fvae-prepared/1"
 PILLOW_MAX_PIXELS = 89_478_485  # Pillow's own default decompression-bomb limit
@@ -47,6 +53,10 @@ PILLOW_MAX_PIXELS = 89_478_485  # Pillow's own default decompression-bomb limit
 
 class NothingUsable(ValueError):
     """No source image could be used; nothing was written."""
+
+
+class PrepareFailed(ValueError):
+    """Preparing stopped (a worker process died); nothing was written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,19 +129,6 @@ class PrepareReport:
 def val_fraction_of(digest: str) -> float:
     """The first 64 bits of a hex SHA-256 as a fraction of 2**64 (uniform in [0, 1))."""
     return int(digest[:16], 16) / 2.0**64
-
-
-def _assign_splits(entries, val_fraction: float) -> dict[int, str]:
-    """entries: [(position, source, digest)] -> {position: split}; see the module docstring."""
-    split = {pos: ("val" if val_fraction_of(d) < val_fraction else "train") for pos, _, d in entries}
-    if val_fraction > 0:
-        by_source: dict[str, list] = {}
-        for pos, src, d in entries:
-            by_source.setdefault(src, []).append((val_fraction_of(d), pos))
-        for members in by_source.values():
-            if len(members) >= 2 and not any(split[p] == "val" for _, p in members):
-                split[min(members)[1]] = "val"
-    return split
 
 
 # ------------------------------------------------------------------------------------ the worker
@@ -233,7 +230,7 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
     ``workers``: decoding processes (default: the number of CPUs; 0 or 1 decodes in this process).
     Raises :class:`SourceError` for a source that names nothing, :class:`NothingUsable` when no image
     could be used (nothing is written then), ``FileExistsError`` when ``out`` exists and is not
-    empty unless ``overwrite``.
+    empty unless ``overwrite``, ``ValueError`` when ``out`` is or contains a source folder or file.
     """
     from tqdm import tqdm
 
@@ -244,11 +241,15 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
         raise FileExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder exists and is not empty (pass --overwrite to replace it)")
+    for spec in map(str, specs):  # --overwrite must never delete the images being prepared
+        src = Path(spec).resolve()
+        if spec not in BUILTIN_SOURCES and (out.resolve() == src or out.resolve() in src.parents):
+            raise ValueError(f"{out}: the output folder would replace the source {spec}; choose another --out")
     items, ignored = resolve_sources(specs)
     if not items:
         raise NothingUsable(f"no image files found in {', '.join(map(str, specs))}")
 
-    # Pass 1: content hashes (cheap), duplicates, splits.
+    # Pass 1: content hashes (cheap) and duplicates.
     skipped, hashed, first_of = [], [], {}
     for item in tqdm(items, desc="hashing", unit="file", disable=not progress, leave=False):
         try:
@@ -262,7 +263,6 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
             continue
         first_of[digest] = item
         hashed.append((item, digest))
-    split_of = _assign_splits([(i, it.source, d) for i, (it, d) in enumerate(hashed)], cfg.val_fraction)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
@@ -270,32 +270,57 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
     try:
         writers = {s: _ShardWriter(tmp, s, cfg.shard_size) for s in ("train", "val")}
         manifest, warnings = [], []
+        # The fallback validation image must be one that decodes (a natural val image can be skipped
+        # too), so each source's smallest-hash training image is held until its source is done.
+        held: dict[str, tuple] = {}
+
+        def emit(split, item, digest, res):
+            _, png, h, w, oh, ow, mode, notes = res
+            shard, record = writers[split].write(png)
+            manifest.append({"split": split, "index": writers[split].count - 1, "shard": shard,
+                             "record": record, "source": item.source, "name": item.name,
+                             "item": item.label, "sha256": digest, "height": h, "width": w,
+                             "orig_height": oh, "orig_width": ow, "mode": mode, "notes": notes})
+            warnings.extend({"item": item.label, "note": n} for n in notes
+                            if n.startswith(("animated", "upsampled")))
+
         tasks = [(it, d, cfg) for it, d in hashed]
         n_workers = (os.cpu_count() or 1) if workers is None else workers
         n_workers = max(0, min(n_workers, len(tasks)))
-        pool = (multiprocessing.get_context("spawn").Pool(n_workers) if n_workers > 1 else None)
+        # A pool whose worker dies (OOM killer, a crashing decoder) raises BrokenProcessPool instead
+        # of hanging, as multiprocessing.Pool would.
+        pool = (ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
+                if n_workers > 1 else None)
         try:
-            results = pool.imap(_process, tasks, chunksize=4) if pool else map(_process, tasks)
+            results = pool.map(_process, tasks, chunksize=4) if pool else map(_process, tasks)
             bar = tqdm(total=len(tasks), desc="preparing", unit="img", disable=not progress)
             for pos, ((item, digest), res) in enumerate(zip(hashed, results)):
                 bar.update()
                 if res[0] == "skip":
                     skipped.append({"source": item.source, "item": item.label, "reason": res[1]})
                     continue
-                _, png, h, w, oh, ow, mode, notes = res
-                split = split_of[pos]
-                shard, record = writers[split].write(png)
-                manifest.append({"split": split, "index": writers[split].count - 1, "shard": shard,
-                                 "record": record, "source": item.source, "name": item.name,
-                                 "item": item.label, "sha256": digest, "height": h, "width": w,
-                                 "orig_height": oh, "orig_width": ow, "mode": mode, "notes": notes})
-                warnings += [{"item": item.label, "note": n} for n in notes
-                             if n.startswith(("animated", "upsampled"))]
+                key = (val_fraction_of(digest), pos)
+                if key[0] < cfg.val_fraction or cfg.val_fraction == 0:
+                    emit("val" if key[0] < cfg.val_fraction else "train", item, digest, res)
+                    continue
+                prev = held.get(item.source)
+                if prev is not None and prev[0] < key:
+                    emit("train", item, digest, res)
+                    continue
+                held[item.source] = (key, item, digest, res)
+                if prev is not None:
+                    emit("train", *prev[1:])
             bar.close()
+            for src, (_, item, digest, res) in held.items():
+                rows = [m for m in manifest if m["source"] == src]
+                fallback = bool(rows) and not any(m["split"] == "val" for m in rows)
+                emit("val" if fallback else "train", item, digest, res)
+        except BrokenProcessPool as e:
+            raise PrepareFailed("a decoding process died (out of memory, or a crash in a decoder); "
+                                "nothing was written. Rerun with --workers 1 to see which file") from e
         finally:
             if pool is not None:
-                pool.terminate()
-                pool.join()
+                pool.shutdown(wait=True, cancel_futures=True)
             for w in writers.values():
                 w.close()
 
