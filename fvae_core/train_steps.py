@@ -145,7 +145,7 @@ def make_optimizer(lr: float, warmup_steps: int = 0, b1: float = 0.5, b2: float 
                    weight_decay: float = 0.0, grad_clip: float | None = None) -> optax.GradientTransformation:
     """AdamW with LDM's betas (0.5, 0.9), linear LR warm-up, optional global-norm clipping."""
     sched = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr
-    parts = [optax.clip_byoptax.global_norm(grad_clip)] if grad_clip else []
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
     parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.chain(*parts)
 

@@ -15,6 +15,7 @@ from fvae_core.data import skimage_photo
 from fvae_core.losses import adaptive_gan_weight, pixel_loss
 from fvae_core.lpips import load_lpips, lpips_distance
 from fvae_core.train_steps import (RecipeConfig, Trainer, ema_decay_for_batch, ema_update, generator_grads,
+                                   make_optimizer,
                                    merge_params)
 
 E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
@@ -183,3 +184,21 @@ def test_recipe_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         RecipeConfig(**kw)
     assert RecipeConfig(critic_norm="batch", gan="hinge").critic_norm == "batch"
+
+
+def test_optimizer_warmup_and_clipping_against_hand_computed_adam():
+    """AdamW(b1, b2) after global-norm clipping and a linear warm-up, against the Adam equations."""
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[12.0]])}  # global norm 13
+    params = {"a": jnp.zeros(2), "b": jnp.zeros((1, 1))}
+    tx = make_optimizer(1e-2, warmup_steps=4, b1=0.5, b2=0.9, grad_clip=1.0)
+    state = tx.init(params)
+    m = v = 0.0
+    for t in range(1, 4):
+        updates, state = tx.update(g, state, params)
+        clipped = np.array([3.0, 4.0, 12.0]) / 13.0
+        m = 0.5 * m + 0.5 * clipped
+        v = 0.9 * v + 0.1 * clipped ** 2
+        lr = 1e-2 * (t - 1) / 4  # optax's linear schedule is evaluated at the pre-update count
+        want = -lr * (m / (1 - 0.5 ** t)) / (np.sqrt(v / (1 - 0.9 ** t)) + 1e-8)
+        got = np.concatenate([np.asarray(updates["a"]), np.asarray(updates["b"]).ravel()])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
