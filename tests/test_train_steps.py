@@ -15,8 +15,7 @@ from fvae_core.data import skimage_photo
 from fvae_core.losses import adaptive_gan_weight, pixel_loss
 from fvae_core.lpips import load_lpips, lpips_distance
 from fvae_core.train_steps import (RecipeConfig, Trainer, ema_decay_for_batch, ema_update, generator_grads,
-                                   make_optimizer,
-                                   merge_params)
+                                   make_optimizer, merge_params)
 
 E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
 CFG = VAEConfig(block_out_channels=(16, 32), down_block_types=(E,) * 2, up_block_types=(D,) * 2,
