@@ -83,7 +83,7 @@ def _background(text: str) -> tuple[int, int, int]:
 
 def cmd_data_prepare(args) -> int:
     from fvae_core.data import SourceError
-    from fvae_core.prepare import NothingUsable, PrepareConfig, prepare
+    from fvae_core.data.prepare import NothingUsable, PrepareConfig, prepare
 
     try:
         cfg = PrepareConfig(max_side=args.max_side, min_side=args.min_side, upsample_small=args.upsample_small,
@@ -103,9 +103,9 @@ def cmd_data_prepare(args) -> int:
 def cmd_data_preview(args) -> int:
     import numpy as np
 
-    from fvae_core.augment import AugmentConfig
+    from fvae_core.data.augment import AugmentConfig
     from fvae_core.images import save_png
-    from fvae_core.loader import DatasetError, make_iterator, train_dataset, val_dataset
+    from fvae_core.data.loader import DatasetError, make_iterator, train_dataset, val_dataset
 
     try:
         cfg = AugmentConfig(crop=args.crop, min_scale=args.min_scale, max_scale=args.max_scale,

@@ -1,4 +1,4 @@
-"""The card's augmentation (fvae_core.augment) against independent oracles.
+"""The card's augmentation (fvae_core.data.augment) against independent oracles.
 
 * flips and rotations: explicit index formulas, not the functions under test;
 * the resize: Pillow's full-image Lanczos resize, and ``jax.image.resize(..., "lanczos3",
@@ -18,7 +18,7 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from fvae_core.augment import (AugmentConfig, CropParams, TooSmall, apply_crop, flip_lr, rot90, sample_crop,
+from fvae_core.data.augment import (AugmentConfig, CropParams, TooSmall, apply_crop, flip_lr, rot90, sample_crop,
                                scale_range, train_sample, val_crops, val_params)
 
 N_DRAWS = 4000  # parameter draws for the distribution tests (cheap: no pixels are touched)

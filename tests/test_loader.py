@@ -1,8 +1,8 @@
-"""The grain loader (fvae_core.loader) on small synthetic datasets written by fvae_core.prepare.
+"""The grain loader (fvae_core.data.loader) on small synthetic datasets written by fvae_core.data.prepare.
 
 Determinism (per seed, across worker counts), exact resumption, epochs as permutations, disjoint
 shards with independent augmentations, the small-image policy, validation crops against
-:func:`fvae_core.augment.apply_crop` on the source pixels, and one-line :class:`DatasetError` s for
+:func:`fvae_core.data.augment.apply_crop` on the source pixels, and one-line :class:`DatasetError` s for
 broken folders and records.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fvae_core.augment import AugmentConfig, apply_crop, val_params
-from fvae_core.loader import DatasetError, PreparedDataset, make_iterator, train_dataset, val_dataset
-from fvae_core.prepare import PrepareConfig, prepare
+from fvae_core.data.augment import AugmentConfig, apply_crop, val_params
+from fvae_core.data.loader import DatasetError, PreparedDataset, make_iterator, train_dataset, val_dataset
+from fvae_core.data.prepare import PrepareConfig, prepare
 
 CROP = 16
 CFG = AugmentConfig(crop=CROP)

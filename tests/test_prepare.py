@@ -1,4 +1,4 @@
-"""Tests for ``fvae data prepare`` (fvae_core.prepare, the sources of fvae_core.data, the CLI command).
+"""Tests for ``fvae data prepare`` (fvae_core.data.prepare, the sources of fvae_core.data, the CLI command).
 
 The main fixture is :mod:`corpus`: a folder of bad and odd files whose expected pixels and skip
 reasons are known by construction. Stored records are read back with grain's ArrayRecord source
@@ -20,9 +20,10 @@ import pytest
 from PIL import Image
 
 from corpus import write_corpus
-from fvae_core import cli, data
+from fvae_core import cli
+from fvae_core.data import sources as data
 from fvae_core.data import SourceError, render_svg
-from fvae_core.prepare import NothingUsable, PrepareConfig, _ShardWriter, prepare
+from fvae_core.data.prepare import NothingUsable, PrepareConfig, _ShardWriter, prepare
 from test_images import blend
 
 CROP = 64

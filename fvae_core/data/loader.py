@@ -1,10 +1,10 @@
-"""Batches from a prepared dataset (:mod:`fvae_core.prepare`) with ``grain``: deterministic for a
+"""Batches from a prepared dataset (:mod:`fvae_core.data.prepare`) with ``grain``: deterministic for a
 seed, multi-worker, sharded per process, and resumable at an exact batch.
 
 Train pipeline (a ``grain.MapDataset``, so every element is a pure function of seed and position)::
 
     usable records -> this process's shard -> shuffle (new order each epoch) -> repeat
-        -> decode PNG + card augmentation (fvae_core.augment, per-element RNG from grain)
+        -> decode PNG + card augmentation (fvae_core.data.augment, per-element RNG from grain)
         -> batch (drop remainder) -> iterator (optionally multiprocess)
 
 Each batch is a dict: ``image`` uint8 [B, crop, crop, 3] (sRGB; use
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fvae_core.augment import AugmentConfig, CropParams, apply_crop, sample_crop, val_params
+from fvae_core.data.augment import AugmentConfig, CropParams, apply_crop, sample_crop, val_params
 
 __all__ = ["BatchIterator", "DatasetError", "PreparedDataset", "make_iterator", "train_dataset", "val_dataset"]
 
@@ -47,7 +47,7 @@ class PreparedDataset:
 
     @classmethod
     def open(cls, root) -> "PreparedDataset":
-        from fvae_core.prepare import DATASET_FORMAT
+        from fvae_core.data.prepare import DATASET_FORMAT
 
         root = Path(root)
         if not root.is_dir():

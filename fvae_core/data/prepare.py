@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fvae_core.data import BUILTIN_SOURCES, decode_item, item_bytes, resolve_sources, sha256
+from fvae_core.data.sources import BUILTIN_SOURCES, decode_item, item_bytes, resolve_sources, sha256
 from fvae_core.images import ImageError
 
 __all__ = ["DATASET_FORMAT", "NothingUsable", "PrepareConfig", "PrepareFailed", "PrepareReport", "prepare",

@@ -17,7 +17,7 @@ gif, first frame) or a single image file. A local folder literally called ``open
 written ``./openmoji``.
 
 Content hashes are SHA-256 of the source bytes: the file, the SVG text, or the photo's array bytes
-with its shape. They identify duplicates and fix the validation split (:mod:`fvae_core.prepare`).
+with its shape. They identify duplicates and fix the validation split (:mod:`fvae_core.data.prepare`).
 """
 from __future__ import annotations
 
