@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fvae-installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bench-data clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/autoencoder.py
+
+bench-data: $(STAMP)
+	$(PY) benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
