@@ -157,6 +157,8 @@ PRESET_CONFIGS: dict[str, VAEConfig] = {
     # Small SD-shaped model (f=8, 4 latent channels) for CPU demos and tests.
     "tiny-sd": _sd_like(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
                         sample_size=64),
+    # Smallest sensible model (f=2): smoke runs and tests, where compile time dominates.
+    "micro": _sd_like(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
 }
 
 

@@ -127,6 +127,39 @@ def cmd_data_preview(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import os
+
+    from fvae_core.runs.config import ConfigError, apply_overrides, preset
+    from fvae_core.runs.train import NonFiniteHalt, resume, train
+
+    if os.environ.get("FVAE_DISTRIBUTED") == "1":
+        import jax
+
+        jax.distributed.initialize()  # multi-host: coordinator and ranks from the cluster environment
+    log = (lambda m: None) if args.quiet else (lambda m: print(f"fvae: {m}", file=sys.stderr))
+    try:
+        if args.resume:
+            if args.config or args.set or args.run_dir:
+                raise UsageError("--resume takes only the run directory (its config.json is reused)")
+            result = resume(args.resume, progress=not args.quiet, log=log)
+        else:
+            if not (args.config and args.run_dir):
+                raise UsageError("give --config PRESET and --run-dir DIR, or --resume DIR")
+            cfg = apply_overrides(preset(args.config), args.set or [])
+            result = train(cfg, args.run_dir, progress=not args.quiet, log=log)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+    except NonFiniteHalt as e:
+        print(f"fvae: error: {e}", file=sys.stderr)
+        return 1
+    f = result.final
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in f.items() if isinstance(v, float))
+    print(f"{result.stopped} at step {result.step} in {result.seconds:.0f} s; {summary or 'no evaluation'}; "
+          f"skipped steps {result.skipped_steps}; run dir {result.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvae", description="Furception-style VAE decoder fine-tuning in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="print the whole report (always in report.txt)")
     p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="train or finetune a VAE (a run directory with checkpoints and export)")
+    p.add_argument("--config", help="preset: smoke, tiny-cpu, tiny-cpu-finetune, sd-vae-ft-mse, "
+                                    "sd-vae-ft-mse/<ablation>")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, dotted (recipe.lr=1e-5, data.crop=128, steps=500); repeatable")
+    p.add_argument("--run-dir", help="new (or empty) run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.set_defaults(func=cmd_train)
 
     p = data.add_parser("preview", help="write a grid of augmented crops from a prepared dataset")
     p.add_argument("data", help="a folder written by `fvae data prepare`")

@@ -229,14 +229,25 @@ class Trainer:
             return "rec"
         return "critic-warmup" if step < r.disc_start else "adversarial"
 
-    def step_fn(self, phase: str, lpips: LPIPSModel) -> Callable:
-        """``step(state, batch, rng) -> (state, metrics)`` for one phase (jitted, state donated)."""
+    def step_fn(self, phase: str, lpips: LPIPSModel, grad_accum: int = 1) -> Callable:
+        """``step(state, batch, rng) -> (state, metrics)`` for one phase (jitted, state donated).
+
+        ``grad_accum`` splits the batch into that many micro-batches whose gradients are averaged
+        before one update (the critic updates once on all fakes). A non-finite loss or gradient
+        skips that network's update and sets ``gen/skipped`` / ``critic/skipped`` to 1."""
         if phase not in PHASES:
             raise ValueError(f"phase {phase!r} not in {PHASES}")
         if phase != "rec" and self.recipe.gan == "none":
             raise ValueError(f"phase {phase!r} needs a GAN, but recipe.gan is 'none'")
-        jitted = _cached_jit((self, phase), partial(_train_step, self, phase), donate_argnums=(0,))
+        jitted = _cached_jit((self, phase, grad_accum), self.raw_step(phase, grad_accum), donate_argnums=(0,))
         return lambda state, batch, rng: jitted(state, batch, rng, lpips)
+
+    def raw_step(self, phase: str, grad_accum: int = 1) -> Callable:
+        """The un-jitted ``step(state, batch, rng, lpips) -> (state, metrics)``, for callers that jit it
+        themselves with explicit shardings (:mod:`fvae_core.runs.train`)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase {phase!r} not in {PHASES}")
+        return partial(_train_step, self, phase, grad_accum)
 
     def critic_step_fn(self) -> Callable:
         """``critic_step(state, batch, rng) -> (state, metrics)``: a critic-only update (jitted, state
@@ -347,16 +358,58 @@ def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, l
     return grads, metrics, lax.stop_gradient(y)
 
 
-def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel):
-    grads, metrics, fake = generator_grads(trainer, phase, state, x01, rng, lpips)
+def all_finite(*trees) -> jax.Array:
+    """True when every leaf of every tree is finite (a scalar bool array)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree_util.tree_leaves(t)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _keep_if(ok, new, old):
+    """``new`` where ``ok`` else ``old``, leaf by leaf: a skipped update leaves the state bit-identical."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel,
+                      accum: int = 1):
+    grads, metrics, fake = _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum)
     r = trainer.recipe
     updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema, params, r.ema_decay)
-    metrics.update({"gen/grad_norm": optax.global_norm(grads),
-                    "gen/param_norm": optax.global_norm(params), "gen/update_norm": optax.global_norm(updates)})
-    state = state.replace(params=params, opt_state=opt_state, ema=ema)
-    return state, metrics, fake
+    # NaN guard: a non-finite loss or gradient skips the whole update (params, moments, EMA).
+    ok = all_finite(grads, metrics["loss/total"])
+    metrics.update({"gen/grad_norm": optax.tree.norm(grads),
+                    "gen/param_norm": optax.tree.norm(params), "gen/update_norm": optax.tree.norm(updates),
+                    "gen/skipped": 1.0 - ok.astype(jnp.float32)})
+    new = state.replace(params=params, opt_state=opt_state, ema=ema)
+    return _keep_if(ok, new, state), metrics, fake
+
+
+def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: int):
+    """:func:`generator_grads` over ``accum`` equal micro-batches of ``x01``, gradients and metrics averaged.
+
+    Each micro-batch gets its own adaptive weight, as LDM's loss does under Lightning's
+    ``accumulate_grad_batches`` (it is called once per micro-batch). ``accum=1`` is exactly
+    :func:`generator_grads`.
+    """
+    if accum == 1:
+        return generator_grads(trainer, phase, state, x01, rng, lpips)
+    b = x01.shape[0]
+    if b % accum:
+        raise ValueError(f"batch {b} is not divisible by grad_accum {accum}")
+    xs = x01.reshape((accum, b // accum) + x01.shape[1:])
+    rngs = jax.random.split(rng, accum)
+
+    def micro(acc, inp):
+        x_i, rng_i = inp
+        g, m, fake = generator_grads(trainer, phase, state, x_i, rng_i, lpips)
+        return jax.tree_util.tree_map(jnp.add, acc, g), (m, fake)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    grads, (ms, fakes) = lax.scan(micro, zeros, (xs, rngs))
+    grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+    metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), ms)
+    return grads, metrics, fakes.reshape((b,) + fakes.shape[2:])
 
 
 def _critic_update(trainer: Trainer, state: TrainState, real_m, fake_m, rng):
@@ -372,19 +425,21 @@ def _critic_update(trainer: Trainer, state: TrainState, real_m, fake_m, rng):
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic_params)
     updates, opt_state = trainer.critic_tx.update(grads, state.critic_opt_state, state.critic_params)
     cparams = optax.apply_updates(state.critic_params, updates)
+    ok = all_finite(grads, loss)
     d_real, d_fake = jnp.mean(terms["d_real"]), jnp.mean(terms["d_fake"])
     metrics = {"critic/loss": loss, "critic/objective": jnp.mean(terms["critic_loss"]),
                "critic/penalty": jnp.mean(terms["penalty"]), "critic/drift": jnp.mean(terms["drift"]),
                "critic/d_real": d_real, "critic/d_fake": d_fake, "critic/wasserstein": d_real - d_fake,
-               "critic/grad_norm": optax.global_norm(grads), "critic/param_norm": optax.global_norm(cparams),
-               "critic/update_norm": optax.global_norm(updates)}
-    return state.replace(critic_params=cparams, critic_opt_state=opt_state), metrics
+               "critic/grad_norm": optax.tree.norm(grads), "critic/param_norm": optax.tree.norm(cparams),
+               "critic/update_norm": optax.tree.norm(updates), "critic/skipped": 1.0 - ok.astype(jnp.float32)}
+    new = state.replace(critic_params=cparams, critic_opt_state=opt_state)
+    return _keep_if(ok, new, state), metrics
 
 
-def _train_step(trainer: Trainer, phase: str, state: TrainState, batch, rng, lpips: LPIPSModel):
+def _train_step(trainer: Trainer, phase: str, accum: int, state: TrainState, batch, rng, lpips: LPIPSModel):
     x01 = batch["image"].astype(jnp.float32)
     rng_g, rng_c = jax.random.split(rng)
-    state, metrics, fake = _generator_update(trainer, phase, state, x01, rng_g, lpips)
+    state, metrics, fake = _generator_update(trainer, phase, state, x01, rng_g, lpips, accum)
     if phase != "rec":
         state, cm = _critic_update(trainer, state, to_model_range(x01), fake, rng_c)
         metrics.update(cm)

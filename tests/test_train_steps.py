@@ -201,3 +201,48 @@ def test_optimizer_warmup_and_clipping_against_hand_computed_adam():
         want = -lr * (m / (1 - 0.5 ** t)) / (np.sqrt(v / (1 - 0.9 ** t)) + 1e-8)
         got = np.concatenate([np.asarray(updates["a"]), np.asarray(updates["b"]).ravel()])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
+def test_nonfinite_step_is_skipped_and_leaves_the_state_bit_identical(lp, batch):
+    """NaN guard: a batch with a NaN pixel makes the loss and gradients non-finite; the generator and critic
+    updates are skipped (params, moments, EMA, critic untouched) and counted in the metrics."""
+    recipe = dataclasses.replace(BASE, gan="wgan-gp", critic_start=0, disc_start=0)
+    tr = Trainer(recipe, CFG)
+    state = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+    step = tr.step_fn("adversarial", lp)
+    state, m = step(state, batch, jax.random.PRNGKey(0))  # a good step first: moments are non-zero
+    assert float(m["gen/skipped"]) == 0.0 and float(m["critic/skipped"]) == 0.0
+    before = _leaves(state.replace(step=0))
+    bad = {"image": batch["image"].at[0, 3, 5, 1].set(jnp.nan)}
+    state, m = step(state, bad, jax.random.PRNGKey(1))
+    assert float(m["gen/skipped"]) == 1.0 and float(m["critic/skipped"]) == 1.0
+    assert not np.isfinite(float(m["loss/total"]))
+    after = _leaves(state.replace(step=0))
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    assert int(state.step) == 2  # the step counter (and the data) move on
+    state, m = step(state, batch, jax.random.PRNGKey(2))  # and training continues
+    assert float(m["gen/skipped"]) == 0.0 and np.isfinite(float(m["loss/total"]))
+
+
+def test_grad_accumulation_averages_micro_batch_gradients(lp, batch):
+    """grad_accum=2 on a batch of 2 equals averaging generator_grads over the two single-image batches,
+    each with its own rng (the split the step uses), in a phase without the critic."""
+    recipe = dataclasses.replace(BASE, gan="none", latent="mean")
+    tr = Trainer(recipe, CFG)
+    params = init_params(CFG, 0)
+    s0 = tr.init_state(params, jax.random.PRNGKey(1), 32)
+    g0, _, _ = generator_grads(tr, "rec", s0, batch["image"][:1], jax.random.PRNGKey(5), lp)
+    g1, _, _ = generator_grads(tr, "rec", s0, batch["image"][1:], jax.random.PRNGKey(6), lp)
+    want = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, g0, g1)
+    full, _, _ = generator_grads(tr, "rec", s0, batch["image"], jax.random.PRNGKey(5), lp)
+    from fvae_core.train_steps import _accumulated_generator_grads
+    got, m, fake = _accumulated_generator_grads(tr, "rec", s0, batch["image"], jax.random.PRNGKey(7), lp, 2)
+    for a, b in zip(_leaves(got), _leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    assert fake.shape == batch["image"].shape
+    # With a posterior mean and per-sample losses, the full-batch gradient is the same average.
+    for a, b in zip(_leaves(full), _leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    s1, m1 = tr.step_fn("rec", lp, grad_accum=2)(tr.init_state(params, jax.random.PRNGKey(1), 32), batch,
+                                                 jax.random.PRNGKey(3))
+    assert int(s1.step) == 1 and np.isfinite(float(m1["loss/total"]))

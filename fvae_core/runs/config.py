@@ -1,0 +1,273 @@
+"""Run configs: typed, validated before any compute, with presets that override a few fields.
+
+A :class:`RunConfig` holds everything a run needs: the stage and model, the init weights, the data,
+the recipe (:class:`fvae_core.train_steps.RecipeConfig`), batch and step counts, logging cadence,
+fault handling and devices. ``fvae train --config PRESET --set key=value ...`` resolves a preset,
+applies dotted overrides (``recipe.lr=1e-5``, ``data.crop=128``, ``steps=500``) with the field's
+type, validates the result, and stores it as ``config.json`` in the run directory;
+``fvae train --resume DIR`` reads it back.
+
+Presets (:data:`PRESETS`), each a small override of the defaults:
+
+``smoke``
+    seconds on a CPU; used by tests (the ``micro`` model, no LPIPS, 32 px crops, batch 2, 6 steps, the
+    bundled photos; the critic warms up for 3 steps, then the adversarial phase).
+``tiny-cpu`` / ``tiny-cpu-finetune``
+    an SD-shaped autoencoder (f=8, 4 latent channels, ``tiny-sd``) pretrained from scratch with the
+    LDM recipe on the bundled OpenMoji + photos, then decoder-finetuned with the card's recipe from
+    those weights, in minutes on 2 CPU cores.
+``sd-vae-ft-mse``
+    the card's run: init ``stabilityai/sd-vae-ft-mse``, 256 px crops, batch 32, 150k steps, EMA,
+    bf16 compute; meant for a GPU.
+ablations
+    ``sd-vae-ft-mse/<name>``: the card's run with one recipe change (:data:`ABLATIONS`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+from fvae_core.data.augment import AugmentConfig
+from fvae_core.train_steps import LDM_PRETRAIN, RecipeConfig, ema_decay_for_batch
+
+__all__ = ["ABLATIONS", "ConfigError", "DataConfig", "PRESETS", "RunConfig", "apply_overrides", "from_dict",
+           "load_config", "preset", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A run config is invalid; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # A prepared folder (`fvae data prepare`), or None to prepare `sources` into the cache on first use.
+    prepared: str | None = None
+    sources: tuple[str, ...] = ("openmoji", "photos")
+    render_size: int = 512  # OpenMoji render size when preparing
+    min_side: int = 0  # prepare: drop images whose short side is below this (0: keep all; the crop decides)
+    crop: int = 256
+    min_scale: float = 0.25
+    max_scale: float = 1.0
+    upsample_small: bool = False
+    val_scales: tuple[float, ...] = (1.0, 0.5)
+    workers: int = 0  # grain worker processes (0: in the training process)
+
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(crop=self.crop, min_scale=self.min_scale, max_scale=self.max_scale,
+                             upsample_small=self.upsample_small, val_scales=self.val_scales)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "custom"
+    # model: the architecture preset a pretrain builds; a finetune takes the architecture of `init`
+    model: str | None = None
+    init: str | None = None  # finetune: VAE weights (folder, hub id, single file, or a run dir's export)
+    recipe: RecipeConfig = RecipeConfig()
+    data: DataConfig = DataConfig()
+    batch_size: int = 32  # images per optimiser step (all devices, all accumulation micro-batches)
+    grad_accum: int = 1  # micro-batches per step
+    steps: int = 150_000
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 5000
+    eval_batches: int = 8  # validation batches per evaluation (of batch_size / grad_accum images)
+    sample_every: int = 5000
+    sample_count: int = 4  # images in the sample grid
+    ckpt_every: int = 2500
+    keep_ckpts: int = 3
+    max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before the run stops
+    devices: int = 0  # data-parallel devices (0: all)
+    param_sharding: bool = False  # shard large params over the devices too (FSDP-style)
+    export: tuple[str, ...] = ("diffusers", "single-file")
+    export_dtype: str = "fp32"
+
+    # ---- validation (no compute, no I/O) -------------------------------------------------------------
+    def __post_init__(self):
+        from fvae_core.autoencoder import PRESET_CONFIGS
+
+        def bad(msg):
+            raise ConfigError(msg)
+
+        for name in ("batch_size", "grad_accum", "steps", "log_every", "eval_every", "eval_batches",
+                     "sample_every", "ckpt_every", "keep_ckpts", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.devices < 0:
+            bad(f"devices must be >= 0, got {self.devices}")
+        if self.batch_size % self.grad_accum:
+            bad(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.recipe.stage == "pretrain":
+            if self.model not in PRESET_CONFIGS:
+                bad(f"a pretrain needs model = one of {', '.join(PRESET_CONFIGS)}, got {self.model!r}")
+            if self.init:
+                bad("a pretrain starts from random weights; init must be empty")
+        else:
+            if not self.init:
+                bad("a finetune needs init weights (set init=...)")
+            if self.model is not None:
+                bad("a finetune takes its architecture from init; model must be empty")
+        if not set(self.export) <= {"diffusers", "single-file"}:
+            bad(f"export must be a subset of diffusers, single-file, got {list(self.export)}")
+        if self.export_dtype not in ("fp32", "fp16"):
+            bad(f"export_dtype must be fp32 or fp16, got {self.export_dtype!r}")
+        try:
+            self.data.augment()
+        except ValueError as e:
+            bad(f"data: {e}")
+        if self.sample_count > self.micro_batch:
+            bad(f"sample_count {self.sample_count} exceeds the micro-batch {self.micro_batch}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+# ---- dict round trip with types checked ------------------------------------------------------------------
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    """Build a dataclass from a dict, refusing unknown keys and wrong types (one-line ConfigError)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                          f"valid: {', '.join(sorted(fields))}")
+    kw = {k: _coerce(hints[k], v, where + k) for k, v in d.items()}
+    try:
+        return cls(**kw)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def _coerce(tp, value, key):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a {_name(tp)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(item, v, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: {value!r} is not a {_name(tp)}")
+
+
+def _name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
+    """Apply ``key=value`` strings (dotted keys; values parsed as JSON, else taken as a string)."""
+    d = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        node, parts = d, key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a config section")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"--set {key}: unknown config key")
+        node[parts[-1]] = value
+    return from_dict(RunConfig, d)
+
+
+def load_config(path) -> RunConfig:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable config ({e})") from e
+    return from_dict(RunConfig, d)
+
+
+# ---- presets ----------------------------------------------------------------------------------------------
+_CARD = RunConfig(
+    name="sd-vae-ft-mse", init="stabilityai/sd-vae-ft-mse",
+    recipe=RecipeConfig(disc_start=5000, critic_start=4000, ema_decay=ema_decay_for_batch(32),
+                        compute_dtype="bfloat16"),
+    data=DataConfig(crop=256), batch_size=32, steps=150_000)
+
+_TINY_DATA = DataConfig(render_size=128, crop=64, min_scale=0.35, val_scales=(1.0, 0.5), min_side=64)
+
+PRESETS: dict[str, RunConfig] = {
+    "smoke": RunConfig(
+        name="smoke", model="micro",
+        recipe=dataclasses.replace(LDM_PRETRAIN, lr=1e-3, critic_lr=1e-3, critic_start=0, disc_start=3,
+                                   critic_ndf=8, lpips_weight=0.0, ema_decay=0.9),
+        data=DataConfig(sources=("photos",), crop=32, min_scale=0.1, val_scales=(0.1,)),
+        batch_size=2, steps=6, log_every=1, eval_every=3, eval_batches=1, sample_every=3, sample_count=2,
+        ckpt_every=2, keep_ckpts=2, export_dtype="fp32"),
+    "tiny-cpu": RunConfig(
+        name="tiny-cpu", model="tiny-sd",
+        recipe=dataclasses.replace(LDM_PRETRAIN, lr=2e-4, critic_lr=2e-4, critic_start=1500, disc_start=2000,
+                                   critic_ndf=32, ema_decay=0.999),
+        data=_TINY_DATA, batch_size=8, steps=3000, log_every=25, eval_every=500, eval_batches=4,
+        sample_every=500, ckpt_every=500),
+    "tiny-cpu-finetune": RunConfig(
+        name="tiny-cpu-finetune", init="runs/tiny-cpu/export/diffusers",
+        recipe=RecipeConfig(lr=5e-5, critic_lr=5e-5, warmup_steps=100, critic_start=0, disc_start=200,
+                            critic_ndf=32, mae_schedule_steps=1000, ema_decay=ema_decay_for_batch(8)),
+        data=_TINY_DATA, batch_size=8, steps=1000, log_every=25, eval_every=250, eval_batches=4,
+        sample_every=250, ckpt_every=250),
+    "sd-vae-ft-mse": _CARD,
+}
+
+#: The card's run with one recipe change each: ``--config sd-vae-ft-mse/<name>``.
+ABLATIONS: dict[str, dict] = {
+    "mse-only": {"mae_schedule": False, "w_mae": 0.0, "w_mse": 1.0},
+    "mae-only": {"mae_schedule": False, "w_mae": 1.0, "w_mse": 0.0},
+    "srgb-loss": {"loss_space": "srgb", "critic_space": "srgb"},
+    "no-gan": {"gan": "none"},
+    "hinge-gan": {"gan": "hinge", "critic_norm": "none"},
+    "no-lpips": {"lpips_weight": 0.0},
+}
+for _name_, _change in ABLATIONS.items():
+    PRESETS[f"sd-vae-ft-mse/{_name_}"] = dataclasses.replace(
+        _CARD, name=f"sd-vae-ft-mse/{_name_}", recipe=dataclasses.replace(_CARD.recipe, **_change))
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]

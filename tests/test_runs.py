@@ -1,0 +1,252 @@
+"""`fvae train`: exact resume after kill -9 and SIGTERM, multi-device agreement, the NaN guard, config errors.
+
+Runs use the ``smoke`` preset (the ``micro`` model on the bundled photos). They share one FVAE_CACHE, so
+the photos are prepared once and compiled steps are reused across processes (jax's persistent cache).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fvae_core import cli
+from fvae_core.runs.checkpoint import load_state_arrays
+from fvae_core.runs.config import ConfigError, apply_overrides, preset
+
+FVAE = [sys.executable, "-m", "fvae_core.cli"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fvae-cache")
+    old = os.environ.get("FVAE_CACHE")
+    os.environ["FVAE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FVAE_CACHE", None)
+    else:
+        os.environ["FVAE_CACHE"] = old
+
+
+def _env(cache):
+    return {**os.environ, "FVAE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(cache, *args, check=True, timeout=400):
+    p = subprocess.run(FVAE + list(args), env=_env(cache), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"fvae {' '.join(args)} -> {p.returncode}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()
+             if line.strip().endswith("}")]
+    return max(steps, default=0)
+
+
+def _assert_same_state(a: dict, b: dict):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
+
+
+SMOKE = ["--config", "smoke", "--set", "ckpt_every=1", "--set", "steps=6", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def straight(cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    _run(cache, "train", *SMOKE, "--run-dir", str(run))
+    return run
+
+
+def test_straight_run_writes_a_complete_run_dir(straight):
+    for name in ("config.json", "environment.json", "metrics.jsonl", "final.json", "export/vae.safetensors",
+                 "export/diffusers/config.json", "export/diffusers/diffusion_pytorch_model.safetensors"):
+        assert (straight / name).is_file(), name
+    assert list((straight / "tb").iterdir()), "TensorBoard events"
+    assert sorted(p.name for p in (straight / "samples").iterdir())[-1] == "step_0000006.png"
+    final = json.loads((straight / "final.json").read_text())
+    assert final["step"] == 6 and np.isfinite(final["final"]["val_ema/psnr"])
+    env = json.loads((straight / "environment.json").read_text())
+    assert env["versions"]["jax"] and env["devices"]
+    # keep_ckpts of the smoke preset
+    assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit()) == [5, 6]
+
+
+def _interrupted(cache, tmp_path, sig, at_step):
+    run = tmp_path / f"run-{sig.name}"
+    proc = subprocess.Popen(FVAE + ["train", *SMOKE, "--run-dir", str(run)], env=_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 400
+    while _logged_steps(run) < at_step:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=200)
+    return run, proc.returncode, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupt_and_resume_is_bitwise_identical(cache, straight, tmp_path, sig):
+    at_step = random.Random(sig.value).randint(2, 4)
+    run, rc, err = _interrupted(cache, tmp_path, sig, at_step)
+    if sig == signal.SIGTERM:
+        assert rc == 0, err[-2000:]  # finished its step, wrote a checkpoint, exited cleanly
+        assert "checkpoint written" in err or not err  # --quiet hides the log line
+        latest = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+        assert latest >= at_step
+    else:
+        assert rc == -signal.SIGKILL
+    assert not (run / "export").exists()
+    _run(cache, "train", "--resume", str(run), "--quiet")
+    _assert_same_state(load_state_arrays(straight / "checkpoints"), load_state_arrays(run / "checkpoints"))
+    a = (straight / "export/vae.safetensors").read_bytes()
+    assert a == (run / "export/vae.safetensors").read_bytes()
+    # metrics.jsonl tells one history: each step logged once, and the resume is recorded
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "loss/total" in r]
+    assert train_steps == list(range(1, 7))
+    assert any(r.get("event") == "resume" for r in rows)
+
+
+def test_multi_device_matches_single_device(cache, tmp_path):
+    """4 simulated CPU devices (batch sharded, state replicated; and with param sharding) against 1 device."""
+    script = textwrap.dedent(f"""
+        import os, json
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import jax, numpy as np
+        assert jax.device_count() == 4
+        from fvae_core.runs.config import apply_overrides, preset, ConfigError
+        from fvae_core.runs import train as train_module
+        from fvae_core.runs.train import train
+        train_module.MIN_SHARDED_SIZE = 64  # so that the micro model's kernels really get sharded
+        from fvae_core.runs.checkpoint import load_state_arrays
+        from jax.sharding import Mesh
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        sh = train_module._state_sharding({{"k": np.zeros((3, 3, 8, 16)), "b": np.zeros(16)}}, mesh, True)
+        assert tuple(sh["k"].spec) == (None, None, None, "data") and tuple(sh["b"].spec) == (), sh
+        # Adversarial from step 0: one compiled step covers generator, adaptive weight and critic. lr 1e-4:
+        # Adam divides by sqrt(v), so reduction-order noise (~1e-7) in near-zero gradients becomes a
+        # parameter difference that scales with lr (measured 1.2e-5 after 3 steps at lr 1e-3).
+        base = ["steps=3", "batch_size=4", "sample_count=2", "ckpt_every=3", "recipe.disc_start=0",
+                "recipe.lr=1e-4", "recipe.critic_lr=1e-4"]
+        res = {{}}
+        for name, extra in [("one", ["devices=1"]), ("four", ["devices=4"]),
+                            ("fsdp", ["devices=4", "param_sharding=true"])]:
+            cfg = apply_overrides(preset("smoke"), base + extra)
+            run = os.path.join({str(tmp_path)!r}, name)
+            train(cfg, run, progress=False, log=lambda m: None)
+            rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+            losses = [r["loss/total"] for r in rows if "loss/total" in r]
+            state = load_state_arrays(os.path.join(run, "checkpoints"))
+            res[name] = (losses, state)
+        for name in ("four", "fsdp"):
+            np.testing.assert_allclose(res[name][0], res["one"][0], rtol=1e-5, atol=1e-6)
+            la = jax.tree_util.tree_leaves_with_path(res[name][1])
+            for (path, a), b in zip(la, jax.tree_util.tree_leaves(res["one"][1])):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5,
+                                           err_msg=name + jax.tree_util.keystr(path))
+        try:
+            train(apply_overrides(preset("smoke"), ["batch_size=6", "devices=4"]), os.path.join({str(tmp_path)!r}, "bad"),
+                  progress=False, log=lambda m: None)
+            raise SystemExit("no error for batch 6 on 4 devices")
+        except ConfigError as e:
+            assert "not divisible by the 4 devices" in str(e), e
+        print("OK", res["one"][0])
+    """)
+    p = subprocess.run([sys.executable, "-c", script], env=_env(cache), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-4000:]
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_halts_cleanly(cache, tmp_path, monkeypatch):
+    """Gradients forced to NaN from step 2 on: those updates are skipped and counted, the run stops after
+    max_nonfinite in a row with the last checkpoint finite and equal to the last good state, no export."""
+    from fvae_core import train_steps
+    from fvae_core.runs.train import NonFiniteHalt, train
+
+    real = train_steps.generator_grads
+
+    def poisoned(trainer, phase, state, x01, rng, lpips):
+        grads, metrics, fake = real(trainer, phase, state, x01, rng, lpips)
+        bad = state.step >= 2
+        grads = jax.tree_util.tree_map(lambda g: jnp.where(bad, g * jnp.nan, g), grads)
+        return grads, metrics, fake
+
+    monkeypatch.setattr(train_steps, "generator_grads", poisoned)
+    train_steps._JIT_CACHE.clear()
+    cfg = apply_overrides(preset("smoke"), ["steps=20", "max_nonfinite=3", "ckpt_every=1", "keep_ckpts=10",
+                                            "recipe.disc_start=0"])  # one phase, one compile
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteHalt, match="3 consecutive steps"):
+        train(cfg, run, progress=False, log=lambda m: None)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["gen/skipped"] for r in rows if "gen/skipped" in r]
+    assert skipped == [0.0, 0.0, 1.0, 1.0]  # step 5's row is not logged: the halt comes first
+    assert rows[-1]["event"] == "halt-nonfinite" and rows[-1]["step"] == 5
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 4  # nothing is saved at the halting step
+    good, last = load_state_arrays(run / "checkpoints", 2), load_state_arrays(run / "checkpoints", 4)
+    _assert_same_state(good["params"], last["params"])
+    _assert_same_state(good["ema"], last["ema"])
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(last["params"]))
+    assert not (run / "export").exists()
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    from fvae_core.autoencoder import PRESET_CONFIGS, init_params
+    from fvae_core.weights import WeightError, save_single_file
+
+    cfg = PRESET_CONFIGS["micro"]
+    params = jax.device_get(init_params(cfg, 0))
+    params["decoder"]["conv_out"]["bias"] = np.full_like(params["decoder"]["conv_out"]["bias"], np.nan)
+    with pytest.raises(WeightError, match="non-finite"):
+        save_single_file(tmp_path / "x.safetensors", cfg, params)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--config", "smoke", "--set", "nope=1"], "unknown config key"),
+    (["--config", "smoke", "--set", "steps=abc"], "is not a int"),
+    (["--config", "smoke", "--set", "recipe.lr=[1]"], "is not a float"),
+    (["--config", "no-such-preset"], "unknown preset"),
+    (["--config", "smoke", "--set", "data.crop=2048"], "larger than every training image"),
+    (["--config", "smoke", "--set", "batch_size=3", "--set", "grad_accum=2"], "not divisible by grad_accum"),
+    (["--config", "smoke", "--set", "devices=64"], "only 1"),
+    (["--config", "smoke", "--set", "data.prepared=/nonexistent/data"], "no such folder"),
+    (["--config", "sd-vae-ft-mse", "--set", "init=/nonexistent/vae", "--set", 'data.sources=["photos"]'],
+     "does not exist"),
+    (["--config", "sd-vae-ft-mse", "--set", "recipe.stage=pretrain"], "a pretrain needs model"),
+])
+def test_config_errors_exit_2_with_one_line(cache, tmp_path, capsys, args, msg):
+    run = tmp_path / "run"
+    rc = cli.main(["train", *args, "--run-dir", str(run), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and msg in err, err
+    assert not (run / "checkpoints").exists()
+
+
+def test_resume_errors_and_occupied_run_dir(cache, tmp_path, capsys, straight):
+    assert cli.main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert cli.main(["train", "--config", "smoke", "--run-dir", str(straight), "--quiet"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
