@@ -68,6 +68,7 @@ class RunConfig:
     init: str | None = None  # finetune: VAE weights (folder, hub id, single file, or a run dir's export)
     recipe: RecipeConfig = RecipeConfig()
     data: DataConfig = DataConfig()
+    lpips_net: str = "vgg16"  # LPIPS backbone: vgg16 (LDM's) or alexnet (cheaper)
     batch_size: int = 32  # images per optimiser step (all devices, all accumulation micro-batches)
     grad_accum: int = 1  # micro-batches per step
     steps: int = 150_000
@@ -112,6 +113,8 @@ class RunConfig:
                 bad("a finetune takes its architecture from init; model must be empty")
         if not set(self.export) <= {"diffusers", "single-file"}:
             bad(f"export must be a subset of diffusers, single-file, got {list(self.export)}")
+        if self.lpips_net not in ("vgg16", "alexnet"):
+            bad(f"lpips_net must be vgg16 or alexnet, got {self.lpips_net!r}")
         if self.export_dtype not in ("fp32", "fp16"):
             bad(f"export_dtype must be fp32 or fp16, got {self.export_dtype!r}")
         try:
@@ -239,17 +242,17 @@ PRESETS: dict[str, RunConfig] = {
         batch_size=2, steps=6, log_every=1, eval_every=3, eval_batches=1, sample_every=3, sample_count=2,
         ckpt_every=2, keep_ckpts=2, export_dtype="fp32"),
     "tiny-cpu": RunConfig(
-        name="tiny-cpu", model="tiny-sd",
-        recipe=dataclasses.replace(LDM_PRETRAIN, lr=2e-4, critic_lr=2e-4, critic_start=1500, disc_start=2000,
-                                   critic_ndf=32, ema_decay=0.999),
-        data=_TINY_DATA, batch_size=8, steps=3000, log_every=25, eval_every=500, eval_batches=4,
-        sample_every=500, ckpt_every=500),
+        name="tiny-cpu", model="tiny-sd", lpips_net="alexnet",
+        recipe=dataclasses.replace(LDM_PRETRAIN, lr=5e-4, critic_lr=2e-4, critic_start=600, disc_start=700,
+                                   critic_ndf=32, ema_decay=0.995),
+        data=_TINY_DATA, batch_size=8, steps=900, log_every=25, eval_every=300, eval_batches=4,
+        sample_every=300, ckpt_every=300),
     "tiny-cpu-finetune": RunConfig(
-        name="tiny-cpu-finetune", init="runs/tiny-cpu/export/diffusers",
-        recipe=RecipeConfig(lr=5e-5, critic_lr=5e-5, warmup_steps=100, critic_start=0, disc_start=200,
-                            critic_ndf=32, mae_schedule_steps=1000, ema_decay=ema_decay_for_batch(8)),
-        data=_TINY_DATA, batch_size=8, steps=1000, log_every=25, eval_every=250, eval_batches=4,
-        sample_every=250, ckpt_every=250),
+        name="tiny-cpu-finetune", init="weights/tiny-cpu", lpips_net="alexnet",
+        recipe=RecipeConfig(lr=1e-4, critic_lr=1e-4, warmup_steps=20, critic_start=0, disc_start=100,
+                            critic_ndf=32, mae_schedule_steps=300, ema_decay=ema_decay_for_batch(8)),
+        data=_TINY_DATA, batch_size=8, steps=300, log_every=25, eval_every=150, eval_batches=4,
+        sample_every=150, ckpt_every=150),
     "sd-vae-ft-mse": _CARD,
 }
 

@@ -279,7 +279,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         state, extra = ckpts.restore(state)
         start = int(jax.device_get(state.step))
         log(f"resuming {run_dir} at step {start}")
-    lpips = load_lpips("vgg16") if cfg.recipe.lpips_weight else None
+    lpips = load_lpips(cfg.lpips_net) if cfg.recipe.lpips_weight else None
     lpips = jax.device_put(lpips, repl) if lpips is not None else None
 
     def put_batch(x):
