@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fvae-installed
 
-.PHONY: venv test demo bench bench-data clean
+.PHONY: venv test demo bench bench-data tiny clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/autoencoder.py
+
+# The embedded default run: pretrain the tiny SD-shaped VAE, then finetune it with the card's recipe.
+tiny: $(STAMP)
+	$(VENV)/bin/fvae train --config tiny-cpu --run-dir runs/tiny-cpu
+	$(VENV)/bin/fvae train --config tiny-cpu-finetune --set init=runs/tiny-cpu/export/diffusers --run-dir runs/tiny-cpu-finetune
 
 bench-data: $(STAMP)
 	$(PY) benchmarks/data.py

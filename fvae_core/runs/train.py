@@ -43,7 +43,7 @@ import numpy as np
 
 from fvae_core.runs.config import ConfigError, RunConfig, load_config, to_dict
 
-__all__ = ["NonFiniteHalt", "RunResult", "resolve_data", "train", "resume"]
+__all__ = ["NonFiniteHalt", "RunResult", "evaluate_vae", "resolve_data", "resume", "train"]
 
 
 class NonFiniteHalt(RuntimeError):
@@ -427,3 +427,17 @@ def _export(cfg: RunConfig, run_dir: Path, vae_config, params, log) -> None:
     if "single-file" in cfg.export:
         save_single_file(out / "vae.safetensors", vae_config, params, dtype=cfg.export_dtype)
     log(f"exported the EMA weights to {out}")
+
+
+def evaluate_vae(cfg: RunConfig, vae_config, params, log=print) -> dict:
+    """The validation metrics a run with ``cfg`` would report for these VAE weights (posterior mean,
+    the run's fixed validation crops), on the default device. Used to check committed weights."""
+    from fvae_core.data.loader import PreparedDataset
+    from fvae_core.train_steps import Trainer
+
+    data = PreparedDataset.open(resolve_data(cfg, log))
+    recon = Trainer(cfg.recipe, vae_config).eval_fn()
+    batches = _val_batches(cfg, data, log)
+    if not batches:
+        raise ConfigError("no validation images for this config")
+    return _evaluate(recon, jax.device_put(params), batches, jnp.asarray)
