@@ -201,8 +201,6 @@ def _grid(columns) -> np.ndarray:
 
 # ---- the run ------------------------------------------------------------------------------------------------
 def _prepare_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ConfigError(f"{run_dir}: exists and is not empty (use --resume {run_dir} to continue it)")
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "config.json", to_dict(cfg))
 
@@ -328,7 +326,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
-    final, stopped, t_loop, step = {}, "done", time.perf_counter(), start
+    final, stopped, t_loop = {}, "done", time.perf_counter()
 
     def save(done):
         ckpts.save(done, state, {"data": it.get_state(), "consecutive_nonfinite": consecutive,
@@ -396,10 +394,6 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
                 log(f"stopped at step {done} ({stop['signal'] or 'stop_at'}); checkpoint written. "
                     f"Continue with: fvae train --resume {run_dir}")
                 break
-        else:
-            step = cfg.steps - 1
-            if cfg.steps == start:
-                stopped = "done"
         if stopped == "done":
             _export(cfg, run_dir, vae_config, jax.device_get(full_params(state.ema, state.frozen)), log)
             _write_json(run_dir / "final.json", {
