@@ -25,6 +25,7 @@ from fvae_core.autoencoder import PRESET_CONFIGS, init_params
 from fvae_core.data import skimage_photo
 from fvae_core.images import load_rgb, save_png
 from fvae_core.metrics import psnr
+from fvae_core.plotting import image_grid
 from fvae_core.reconstruct import pad_to_multiple, reconstruct_files
 from fvae_core.weights import LoadedVAE, load_vae, save_diffusers_folder, save_single_file
 
@@ -52,17 +53,6 @@ def _diffusers_reconstruct(folder: Path, rgb: np.ndarray, factor: int) -> np.nda
         y = model.decode(model.encode(x).latent_dist.mode()).sample[0].permute(1, 2, 0).numpy()
     y = y[:h, :w]
     return np.clip(np.rint((y + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def _grid(rows: list[list[np.ndarray]]) -> np.ndarray:
-    h = max(im.shape[0] for r in rows for im in r)
-    out_rows = []
-    for r in rows:
-        padded = [np.pad(im, ((0, h - im.shape[0]), (0, 4), (0, 0)), constant_values=255) for im in r]
-        out_rows.append(np.concatenate(padded, axis=1))
-    w = max(r.shape[1] for r in out_rows)
-    out_rows = [np.pad(r, ((0, 4), (0, w - r.shape[1]), (0, 0)), constant_values=255) for r in out_rows]
-    return np.concatenate(out_rows, axis=0)
 
 
 def run_demo(out_dir: Path, vae_src: str | None = None, size: int = 256) -> int:
@@ -104,7 +94,7 @@ def run_demo(out_dir: Path, vae_src: str | None = None, size: int = 256) -> int:
             grid_row += [ref, np.clip(np.abs(ref.astype(int) - y.astype(int)) * 64, 0, 255).astype(np.uint8)]
         rows.append(grid_row)
         table.append(row)
-    save_png(out_dir / "demo_grid.png", _grid(rows))
+    save_png(out_dir / "demo_grid.png", image_grid(rows))
     (out_dir / "summary.json").write_text(json.dumps({"vae": vae.source, "images": table}, indent=2) + "\n")
 
     keys = list(table[0])

@@ -194,9 +194,10 @@ def _evaluate(recon, params, batches, put) -> dict:
 
 def _grid(columns) -> np.ndarray:
     """columns: list of [N, H, W, 3] float [0, 1] -> one uint8 image, a row per sample."""
-    cols = [np.clip(np.asarray(c), 0, 1) for c in columns]
-    rows = [np.concatenate([c[i] for c in cols], axis=1) for i in range(cols[0].shape[0])]
-    return (np.concatenate(rows, axis=0) * 255.0).round().astype(np.uint8)
+    from fvae_core.plotting import image_grid
+
+    cols = [(np.clip(np.asarray(c), 0, 1) * 255.0).round().astype(np.uint8) for c in columns]
+    return image_grid([list(r) for r in zip(*cols)], pad=0)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
