@@ -160,6 +160,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from fvae_core.evaluate import EvalError, parse_resolutions, run_eval
+
+    try:
+        result = run_eval(args.vae, args.data, Path(args.out), resolutions=parse_resolutions(args.resolutions),
+                          limit=args.limit, split=args.split,
+                          lpips_net=None if args.lpips == "none" else args.lpips, batch_size=args.batch_size,
+                          figures=not args.no_figures, progress=not args.quiet)
+    except EvalError as e:
+        raise UsageError(str(e)) from e
+    print((Path(args.out) / "summary.md").read_text())
+    if result.skipped:
+        print(f"fvae eval: {len(result.skipped)} image view(s) skipped, reasons in {Path(args.out) / 'skipped.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvae", description="Furception-style VAE decoder fine-tuning in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="measure VAEs on the same images: fidelity, colour, spectra, edges, with CIs")
+    p.add_argument("--vae", action="append", required=True,
+                   help="a VAE (diffusers folder, hub id, single file); repeat to compare, the first is the baseline")
+    p.add_argument("--data", nargs="+", required=True, metavar="SRC",
+                   help="prepared dataset folder(s), 'openmoji', 'photos', image folders or files")
+    p.add_argument("--out", required=True, help="new output folder (per-image CSV/JSONL, summary, spectra, figures)")
+    p.add_argument("--resolutions", default="256", help="comma-separated square sizes, e.g. 128,256,512 (default 256)")
+    p.add_argument("--limit", type=int, default=None, help="at most N images per source (content-hash order)")
+    p.add_argument("--split", default="val", help="split of a prepared dataset (default val)")
+    p.add_argument("--lpips", choices=("vgg16", "alexnet", "none"), default="vgg16", help="LPIPS backbone")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model / LPIPS call")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
 
     p = data.add_parser("preview", help="write a grid of augmented crops from a prepared dataset")
     p.add_argument("data", help="a folder written by `fvae data prepare`")

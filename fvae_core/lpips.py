@@ -287,6 +287,30 @@ def lpips_distance(model: LPIPSModel, x, y, *, dtype=jnp.float32, check: bool = 
 
 
 @functools.partial(jax.jit, static_argnames=("net", "dtype"))
+def lpips_features(params, x, *, net: str, dtype=jnp.float32) -> list[jax.Array]:
+    """The unit-normalised tapped features of NHWC images in [-1, 1] (float32): half of an LPIPS distance.
+
+    For evaluation against one fixed original, compute the original's features once and compare every
+    reconstruction with :func:`lpips_from_features`; ``lpips_from_features(p, f(x), f(y))`` equals
+    :func:`lpips_distance` (the same operations, split in two programs).
+    """
+    arch = _ARCHS[net]
+    shift, scale = jnp.asarray(_SHIFT), jnp.asarray(_SCALE)
+    return [_unit_normalize(f.astype(jnp.float32))
+            for f in _features(arch, params, (x.astype(jnp.float32) - shift) / scale, dtype)]
+
+
+@functools.partial(jax.jit, static_argnames=("net",))
+def lpips_from_features(params, fx: list, fy: list, *, net: str) -> jax.Array:
+    """Per-sample LPIPS from two lists of :func:`lpips_features` (same shapes)."""
+    total = jnp.zeros(fx[0].shape[0], jnp.float32)
+    for i, (a, b) in enumerate(zip(fx, fy)):
+        w = params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"][0, 0, :, 0]
+        total = total + jnp.mean(jnp.square(a - b) @ w, axis=(1, 2))
+    return total
+
+
+@functools.partial(jax.jit, static_argnames=("net", "dtype"))
 def _distance(params, x, y, *, net: str, dtype):
     # Jitted so that eager callers (evaluation, notebooks) run one compiled program, not ~100 dispatched ops;
     # inside a caller's jit it is simply inlined.

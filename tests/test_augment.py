@@ -376,3 +376,21 @@ def test_train_sample_is_a_pure_function_of_the_rng():
     assert a[0].shape == (64, 64, 3) and a[0].dtype == np.uint8 and a[0].flags.c_contiguous
     np.testing.assert_array_equal(a[0], a[1])
     assert not np.array_equal(a[0], b)
+
+
+def test_centre_square_is_the_centre_of_the_short_side_resize():
+    """Evaluation views: Pillow's full-image Lanczos resize to short side r, then the centre r² crop."""
+    from PIL import Image
+
+    from fvae_core.data.augment import TooSmall, centre_square
+
+    rng = np.random.default_rng(3)
+    img = (rng.random((90, 150, 3)) * 255).astype(np.uint8)
+    got = centre_square(img, 48)
+    full = np.asarray(Image.fromarray(img).resize((80, 48), Image.Resampling.LANCZOS))
+    want = full[:, 16:64]
+    assert got.shape == (48, 48, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert np.array_equal(centre_square(img, 90), img[:, 30:120])  # no resize at native short side
+    with pytest.raises(TooSmall, match="not upsampled"):
+        centre_square(img, 91)

@@ -222,3 +222,17 @@ def test_shape_errors(alex):
         lpips_distance(alex, jnp.zeros((1, 3, 32, 32)) - 0.5, jnp.zeros((1, 3, 32, 32)) - 0.5)
     with pytest.raises(ValueError, match="larger images"):
         lpips_distance(alex, a[:, :24, :24], a[:, :24, :24])
+
+
+@pytest.mark.parametrize("net", ["alexnet", "vgg16"])
+def test_split_features_equal_the_distance(net, pair):
+    """Evaluation caches the original's features: the split path must give the same distance."""
+    from fvae_core.lpips import lpips_features, lpips_from_features
+
+    x, y = pair
+    model = load_lpips(net)
+    whole = np.asarray(lpips_distance(model, x, y))
+    split = np.asarray(lpips_from_features(model.params, lpips_features(model.params, x, net=net),
+                                           lpips_features(model.params, y, net=net), net=net))
+    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-7)
+    assert np.all(whole > 0)

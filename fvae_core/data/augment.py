@@ -152,3 +152,14 @@ def train_sample(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) 
 def val_crops(img: np.ndarray, cfg: AugmentConfig) -> list[np.ndarray]:
     """The deterministic validation crops of ``img`` (may be empty for a small image)."""
     return [apply_crop(img, p, cfg.crop) for p in val_params(img.shape[0], img.shape[1], cfg)]
+
+
+def centre_square(img: np.ndarray, size: int) -> np.ndarray:
+    """The evaluation view of an image at resolution ``size``: Lanczos-resized (antialiased) so that its
+    short side is ``size``, then the centre ``size``² square. Never upsamples (raises :class:`TooSmall`)."""
+    h, w = img.shape[:2]
+    if min(h, w) < size:
+        raise TooSmall(f"{w}x{h} is smaller than {size}px (not upsampled)")
+    s = size / min(h, w)
+    out_h, out_w = max(size, round(h * s)), max(size, round(w * s))
+    return apply_crop(img, CropParams(out_h, out_w, (out_h - size) // 2, (out_w - size) // 2, 0, False), size)

@@ -1,0 +1,157 @@
+"""End to end: ``fvae eval`` on fake VAEs with a known effect, and on the committed tiny VAE through the CLI.
+
+The identity "VAE" must measure as exactly that (every error zero, every ratio neutral); a Gaussian
+blur "VAE" must be detected as smoother, with less high-band energy and a sharpness ratio below 1,
+with CIs that exclude "no effect" and paired differences against the identity of the right sign.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from fvae_core.cli import main
+from fvae_core.evaluate import EvalError, evaluate, gather_images, views_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Identity:
+    name = "identity"
+
+    def __call__(self, x):
+        return x.copy()
+
+
+class Blur:
+    name = "blur"
+
+    def __init__(self, sigma=1.2):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        return gaussian_filter(x, sigma=(0, self.sigma, self.sigma, 0), mode="reflect")
+
+
+@pytest.fixture(scope="module")
+def images():
+    imgs, skipped = gather_images(["openmoji", "photos"], limit=6, log=lambda *a: None)
+    assert {im.subset for im in imgs} == {"flat art", "photos"}
+    return imgs
+
+
+@pytest.fixture(scope="module")
+def result(images):
+    return evaluate([Identity(), Blur()], images, [64, 128], lpips_net="alexnet", log=lambda *a: None)
+
+
+def test_identity_measures_as_identity(result):
+    rows = result.select("identity")
+    assert len(rows) == 2 * 12
+    for r in rows:
+        assert math.isinf(r["psnr"])
+        assert r["ssim"] == pytest.approx(1.0, abs=1e-12)
+        assert r["lpips"] == pytest.approx(0.0, abs=1e-6)
+        for k in ("gmsd", "delta_e_ok_mean", "ciede2000_mean", "L_mae", "chroma_mae", "hue_mae",
+                  "dhf_db@0.25_L", "dhf_db@0.0625_a"):
+            assert r[k] == pytest.approx(0.0, abs=1e-12), k
+        for k in ("overshoot_mean", "flat_noise"):  # NaN where the image has no edge / no flat region
+            assert math.isnan(r[k]) or r[k] == pytest.approx(0.0, abs=1e-12), k
+        if not math.isnan(r["sharpness_ratio"]):
+            assert r["sharpness_ratio"] == pytest.approx(1.0, abs=1e-12)
+        assert r["grid_peak_db_rec_L"] == pytest.approx(r["grid_peak_db_orig_L"], abs=1e-9)
+
+
+def test_blur_is_detected_as_smoother(result):
+    summ = result.summary(["dhf_db@0.25_L", "sharpness_ratio", "err_hf_share@0.25_L", "psnr", "overshoot_mean"])
+    for res in (64, 128):
+        s = summ["blur"][res]["all"]
+        assert s["dhf_db@0.25_L"].hi < -3.0  # clearly less high-band energy than the original
+        assert s["sharpness_ratio"].hi < 0.9
+        assert s["overshoot_mean"].value == pytest.approx(0.0, abs=1e-9)  # a Gaussian never overshoots
+        assert np.isfinite(s["psnr"].value) and s["psnr"].value > 15
+    pairs = result.paired("identity", "blur", ["dhf_db@0.25_L", "sharpness_ratio", "ssim", "lpips"])
+    for res in (64, 128):
+        for g in ("all", "flat art", "photos"):
+            p = pairs[res][g]
+            assert p["dhf_db@0.25_L"].hi < 0 and p["sharpness_ratio"].hi < 0
+            assert p["ssim"].hi < 0 and p["lpips"].lo > 0
+
+
+def test_spectra_curves_and_ratio(result):
+    f, ratio = result.spectrum_estimates("blur", 128, "ratio")
+    hi = f > 0.25
+    assert np.all(ratio.value[hi] < -3)  # a Gaussian of sigma 1.2 removes most of the top band
+    f, ratio_id = result.spectrum_estimates("identity", 128, "ratio")
+    assert np.allclose(ratio_id.value, 0.0, atol=1e-9)
+
+
+def test_views_never_upsample(images):
+    views, skipped = views_at(images, 600)
+    assert all(min(v.rgb.shape[:2]) == 600 for v in views)
+    assert {s["item"] for s in skipped} == {im.name for im in images if min(im.rgb.shape[:2]) < 600}
+    assert all("not upsampled" in s["reason"] for s in skipped)
+
+
+def test_bad_evaluation_input(images):
+    with pytest.raises(EvalError, match="multiple of 8"):
+        evaluate([Identity()], images, [60], lpips_net=None)
+    with pytest.raises(EvalError, match="unique"):
+        evaluate([Identity(), Identity()], images, [64], lpips_net=None)
+
+    class Broken:
+        name = "broken"
+
+        def __call__(self, x):
+            return np.full_like(x, np.nan)
+
+    with pytest.raises(EvalError, match="non-finite"):
+        evaluate([Broken()], images[:2], [64], lpips_net=None)
+    with pytest.raises(EvalError, match="large enough"):
+        evaluate([Identity()], images[:2], [4096], lpips_net=None, log=lambda *a: None)
+
+
+def test_cli_eval_real_vae(tmp_path, capsys):
+    """The committed tiny VAE twice: two names, every paired difference exactly zero; files complete."""
+    vae = str(ROOT / "weights" / "tiny-cpu")
+    out = tmp_path / "ev"
+    rc = main(["eval", "--vae", vae, "--vae", vae, "--data", "photos", "--limit", "3", "--resolutions", "64",
+               "--lpips", "alexnet", "--quiet", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Paired difference" in printed
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert len(rows) == 6 and {r["vae"] for r in rows} == {"tiny-cpu#0", "tiny-cpu#1"}
+    doc = json.loads((out / "summary.json").read_text())
+    paired = doc["paired"]["tiny-cpu#1 - tiny-cpu#0"]["64"]["all"]
+    assert paired["psnr"]["value"] == 0.0 and paired["lpips"]["value"] == 0.0
+    psnr = doc["summary"]["tiny-cpu#0"]["64"]["all"]["psnr"]
+    assert 8 < psnr["value"] < 30 and psnr["lo"] <= psnr["value"] <= psnr["hi"]
+    assert (out / "spectra.npz").is_file() and (out / "summary.md").is_file()
+    assert sorted(p.name for p in out.glob("*.png"))  # figures written
+    assert not list(tmp_path.glob(".ev.*"))  # no temporary folder left behind
+    # A second run into the same, now non-empty, folder is refused before any work.
+    assert main(["eval", "--vae", vae, "--data", "photos", "--out", str(out), "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vae", "MISSING", "--data", "photos"], "does not exist"),
+    (["--vae", "WEIGHTS", "--data", "photos", "--resolutions", "64,abc"], "comma-separated"),
+    (["--vae", "WEIGHTS", "--data", "/no/such/dir"], "no such file or folder"),
+    (["--vae", "WEIGHTS", "--data", "EMPTY"], "no usable images"),
+])
+def test_cli_eval_errors(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("WEIGHTS", str(ROOT / "weights" / "tiny-cpu")).replace("EMPTY", str(tmp_path / "empty"))
+            .replace("MISSING", str(tmp_path / "missing"))
+            for a in argv]
+    rc = main(["eval", *argv, "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
