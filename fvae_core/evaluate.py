@@ -43,7 +43,7 @@ from fvae_core import metrics, spectra, stats
 HEADLINE = (
     ("psnr", "PSNR (dB)"),
     ("ssim", "SSIM"),
-    ("lpips", "LPIPS-VGG"),
+    ("lpips", "LPIPS"),
     ("gmsd", "GMSD"),
     ("delta_e_ok_mean", "ΔE_OK"),
     ("ciede2000_mean", "ΔE2000"),
@@ -108,9 +108,12 @@ class VAEReconstructor:
 
 
 def _short_name(src: str) -> str:
+    """A readable VAE name: the run folder for ``runs/NAME/export/diffusers``, else the last path part or the hub id."""
     p = Path(str(src).rstrip("/"))
-    name = p.name if p.name not in ("diffusers", "export", "") else f"{p.parent.name}/{p.name}"
-    return name or str(src)
+    if p.exists():
+        parts = [q for q in p.resolve().parts if q not in ("diffusers", "export", "vae", "")]
+        return parts[-1] if parts else str(src)
+    return str(src)
 
 
 # ---- images ------------------------------------------------------------------------------------------
@@ -359,7 +362,7 @@ def evaluate(vaes: Sequence[Reconstructor], images: Sequence[EvalImage], resolut
     if lpips_net:
         from fvae_core.lpips import load_lpips
         lp = load_lpips(lpips_net)
-    timing = {"model_s": 0.0, "metrics_s": 0.0, "lpips_s": 0.0, "images": 0}
+    timing = {"model_s": 0.0, "metrics_s": 0.0, "lpips_s": 0.0, "images": 0, "lpips_net": lpips_net}
     rows, spec, skipped, views_all, recs_all = [], {}, [], {}, {}
     bar = _progress(len(vaes) * sum(1 for _ in resolutions), progress)
     for res in resolutions:
@@ -492,7 +495,7 @@ def write_results(result: EvalResult, out: Path, *, figures: bool = True, log: C
                 fh.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
                                      for k, v in r.items()}) + "\n")
         summ = result.summary()
-        doc = {"vaes": result.vaes, "resolutions": result.resolutions, "subsets": result.subsets(),
+        doc = {"vaes": result.vaes, "lpips_net": result.timing.get("lpips_net"), "resolutions": result.resolutions, "subsets": result.subsets(),
                "timing": result.timing, "skipped": len(result.skipped),
                "summary": {v: {str(r): {g: {k: _est_json(e) for k, e in m.items()} for g, m in gs.items()}
                                for r, gs in rs.items()} for v, rs in summ.items()},
