@@ -599,3 +599,43 @@ def run_eval(vae_srcs: Iterable[str], sources: Sequence[str], out: Path, *, reso
     log(f"eval: {t['images']} reconstructions; model {t['model_s']:.1f} s, metrics {t['metrics_s']:.1f} s, "
         f"LPIPS {t['lpips_s']:.1f} s")
     return result
+
+
+# ---- cached evaluations (the notebooks) ----------------------------------------------------------------
+EVAL_CACHE_VERSION = 1
+
+
+def cached_evaluation(vaes: dict[str, str], sources: Sequence[str], resolutions: Sequence[int], root, *,
+                      limit: int | None = None, lpips_net: str | None = "vgg16", batch_size: int = 4,
+                      progress: bool = True, log: Callable = print) -> EvalResult:
+    """:func:`evaluate` of named VAE folders, stored under ``root`` by a key over the weights' content,
+    the images asked for, the resolutions and the LPIPS net; a second call with the same inputs loads it."""
+    import hashlib
+    import pickle
+
+    from fvae_core.runs.cache import _weights_fingerprint
+
+    key = hashlib.sha256(json.dumps({
+        "v": EVAL_CACHE_VERSION, "vaes": {n: _weights_fingerprint(str(p)) for n, p in vaes.items()},
+        "sources": list(map(str, sources)), "res": list(resolutions), "limit": limit, "lpips": lpips_net,
+    }, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(root) / f"eval-{key}.pkl"
+    if path.is_file():
+        log(f"eval: reusing {path}")
+        with open(path, "rb") as fh:  # our own file, written below
+            return pickle.load(fh)
+    recons = [VAEReconstructor.load(str(p), name, batch_size) for name, p in vaes.items()]
+    images, skipped = gather_images(sources, limit=limit, log=log)
+    result = evaluate(recons, images, list(resolutions), lpips_net=lpips_net, batch_size=batch_size,
+                      progress=progress, log=log)
+    result.skipped = skipped + result.skipped
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(result, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return result

@@ -253,3 +253,56 @@ def metric_table_markdown(rows: Sequence[Mapping], columns: Sequence[tuple[str, 
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(key), digits) for key, _ in columns) + " |")
     return "\n".join(lines)
+
+
+def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], *, ax=None, title: str | None = None,
+                ylabel: str | None = None, logy: bool = False, smooth: int = 1):
+    """Training curves from metric rows (``metrics.jsonl``): one line per key, x = ``step``, rows that
+    lack the key skipped; ``smooth`` > 1 draws a centred moving average (the raw values faintly behind)."""
+    ax = _axes(ax)
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r and r[k] is not None and np.isfinite(r[k])]
+        if not pts:
+            continue
+        x, y = np.array(pts, dtype=np.float64).T
+        if smooth > 1 and len(y) > smooth:
+            line, = ax.plot(x, y, alpha=0.25)
+            kernel = np.ones(smooth) / smooth
+            ys = np.convolve(np.pad(y, (smooth // 2, smooth - 1 - smooth // 2), mode="edge"), kernel, "valid")
+            ax.plot(x, ys, color=line.get_color(), label=k)
+        else:
+            ax.plot(x, y, marker="o" if len(y) < 12 else None, label=k)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return ax
+
+
+def plot_estimates(estimates: Mapping[str, Estimate], *, ax=None, title: str | None = None,
+                   xlabel: str | None = None, zero: bool = True):
+    """A forest plot: one row per labelled scalar :class:`Estimate` (point and 95% CI bar), with a line at 0."""
+    ax = _axes(ax, figsize=(6.4, 0.5 + 0.45 * max(1, len(estimates))))
+    labels = list(estimates)
+    for i, k in enumerate(labels):
+        e = estimates[k]
+        if e is None or not np.isfinite(e.value):
+            continue
+        lo = e.lo if np.isfinite(e.lo) else e.value
+        hi = e.hi if np.isfinite(e.hi) else e.value
+        ax.errorbar([e.value], [i], xerr=[[e.value - lo], [hi - e.value]], fmt="o", capsize=4, color="C0")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.invert_yaxis()
+    if zero:
+        ax.axvline(0.0, color="k", lw=0.8)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

@@ -154,3 +154,22 @@ def summarise(rows: Iterable[Mapping], keys: Sequence[str], by: str | None = Non
             vals = [np.nan if r.get(k) is None else float(r[k]) for r in members]
             out[g][k] = bootstrap_ci(np.asarray(vals, dtype=np.float64), **kw)
     return out
+
+
+def unpaired_difference(a, b, *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> Estimate:
+    """Bootstrap interval of ``mean(a) - mean(b)`` for two *independent* samples (different images).
+
+    Each sample is resampled on its own (two independent draws from one seeded generator) and the
+    difference of the resampled means is taken; NaNs are dropped. ``n`` is ``min(len(a), len(b))``.
+    """
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    value = float(a.mean() - b.mean()) if a.size and b.size else float("nan")
+    if a.size < 2 or b.size < 2:
+        return Estimate(value, float("nan"), float("nan"), int(min(a.size, b.size)))
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, a.size, (n_boot, a.size))].mean(axis=1)
+    rb = b[rng.integers(0, b.size, (n_boot, b.size))].mean(axis=1)
+    lo, hi = np.quantile(ra - rb, [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0])
+    return Estimate(value, float(lo), float(hi), int(min(a.size, b.size)))

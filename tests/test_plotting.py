@@ -134,3 +134,15 @@ def test_metric_table_markdown():
         "| a\\|b | 512 | 29.000 | nan |  |")
     small_big = metric_table_markdown([{"x": 1.5e-5}, {"x": 2.5e7}, {"x": 0.0}], [("x", "x")], digits=2)
     assert small_big.splitlines()[2:] == ["| 1.5e-05 |", "| 2.5e+07 |", "| 0.00 |"]
+
+
+def test_plot_curves_and_estimates():
+    from fvae_core.plotting import plot_curves, plot_estimates
+    from fvae_core.stats import Estimate
+
+    rows = [{"step": s, "loss": 1.0 / s, **({"val": 2.0} if s % 5 == 0 else {})} for s in range(1, 31)]
+    ax = plot_curves(rows, ["loss", "val", "absent"], smooth=5)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels.count("loss") == 1 and labels.count("val") == 1 and "absent" not in labels
+    ax = plot_estimates({"a": Estimate(1.0, 0.5, 1.5, 10), "b": Estimate(-1.0, float("nan"), float("nan"), 1)})
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]

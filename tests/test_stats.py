@@ -124,3 +124,18 @@ def test_infinite_values_keep_their_mean():
     assert 1.0 <= e.lo[1] <= e.value[1] == 2.0 <= e.hi[1] <= 3.0
     mixed = bootstrap_ci(np.array([np.inf, 1.0, 2.0, 3.0]), n_boot=200, seed=1)
     assert mixed.value == np.inf and mixed.hi == np.inf
+
+
+def test_unpaired_difference_width_and_detection():
+    """Two independent normal samples: the CI half width is about 1.96·sqrt(σa²/na + σb²/nb)."""
+    from fvae_core.stats import unpaired_difference
+
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(1.0, 2.0, 300), rng.normal(0.0, 1.0, 200)
+    e = unpaired_difference(a, b, n_boot=4000, seed=1)
+    want = 1.96 * np.sqrt(4.0 / 300 + 1.0 / 200)
+    assert e.hi - e.lo == pytest.approx(2 * want, rel=0.1)
+    assert e.lo > 0 and e.value == pytest.approx(a.mean() - b.mean())
+    same = unpaired_difference(rng.normal(0, 1, 100), rng.normal(0, 1, 100), seed=2)
+    assert same.lo < 0 < same.hi or abs(same.value) < 0.3
+    assert np.isnan(unpaired_difference([1.0], [2.0, 3.0]).lo)

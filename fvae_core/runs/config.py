@@ -275,3 +275,15 @@ def preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def smoke_variant(cfg: RunConfig, steps: int = 3) -> RunConfig:
+    """``cfg``'s recipe on a few tiny steps (the ``smoke`` preset's data, 32² crops, batch 2): what the
+    notebooks run in SMOKE mode and the tests execute (big_vision's ``runlocal`` idea). The GAN phase
+    starts at step 0, so every part of the step (pixel loss, LPIPS, critic, adaptive weight, EMA) runs
+    and only one step function is compiled."""
+    rec = dataclasses.replace(cfg.recipe, warmup_steps=0, critic_start=0, disc_start=0,
+                              mae_schedule_steps=steps)
+    return dataclasses.replace(cfg, name=f"{cfg.name}/smoke", recipe=rec, data=PRESETS["smoke"].data, batch_size=2,
+                               grad_accum=1, steps=steps, log_every=1, eval_every=steps, eval_batches=1,
+                               sample_every=steps, sample_count=2, ckpt_every=steps, keep_ckpts=1)

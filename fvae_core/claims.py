@@ -1,0 +1,240 @@
+"""The Furception v1.0 model card's claims, each turned into a measured effect with a CI and a verdict.
+
+Claims C1–C5 are quoted or paraphrased from the card (``shared/reference/furception-model-card.txt``);
+C6 and C7 are the card's reasons for its loss design. Each :class:`Claim` names the metric chosen and
+why, the measured effect (an :class:`fvae_core.stats.Estimate`: mean and 95% bootstrap CI over images),
+and a verdict from the CI alone, never from the point estimate:
+
+* **supported**: the CI lies entirely on the side the claim predicts;
+* **not supported**: the CI lies entirely on the other side;
+* **inconclusive at this scale**: the CI contains "no effect".
+
+(C5 is a non-inferiority claim, with stated margins.) All comparisons are paired on the same images
+(:meth:`fvae_core.evaluate.EvalResult.paired`), except C2, which compares two different image sets.
+
+The inputs are one :class:`~fvae_core.evaluate.EvalResult` holding the base VAE, the finetuned VAE
+("card" recipe) and, for C6/C7, the ablation VAEs, named as in :data:`ROLES`. A claim whose VAEs or
+subsets are missing gets the verdict "not measured" and says what is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from fvae_core import stats
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED = (
+    "supported", "not supported", "inconclusive at this scale", "not measured")
+
+#: VAE names the assessment looks for in the evaluation.
+ROLES = {"base": "base", "card": "card", "mae": "mae-only", "mse": "mse-only", "srgb": "srgb-loss"}
+
+#: The card's claims, in its words where it has them.
+CLAIMS = {
+    "C1": "Removes unwanted high-frequency noise.",
+    "C2": "The effect is more apparent on flat-coloured images than on realistic or painterly ones.",
+    "C3": "The effect is more noticeable at lower resolutions.",
+    "C4": "Smoother overall, with less artifacting around edges in high-detail regions.",
+    "C5": "No obvious loss of performance on any type of image.",
+    "C6": "The Oklab loss prioritises the perceptually significant channels.",
+    "C7": "The MAE/MSE mix balances sharpness and smoothness.",
+}
+
+HF_KEY = "err_hf_energy@0.25_L"
+#: C5's non-inferiority margins: a PSNR loss of 0.25 dB or an LPIPS rise of 0.005 counts as "obvious".
+PSNR_MARGIN, LPIPS_MARGIN = 0.25, 0.005
+
+
+@dataclasses.dataclass
+class Claim:
+    id: str
+    claim: str
+    metric: str  # what was measured
+    why: str  # why this metric tests the claim
+    effect: stats.Estimate | None  # the headline effect
+    unit: str
+    verdict: str
+    detail: str = ""  # secondary numbers, in words
+    effects: dict = dataclasses.field(default_factory=dict)  # label -> Estimate (for the figure)
+
+
+def verdict_from_ci(est: stats.Estimate | None, predicted: str) -> str:
+    """``predicted`` is "negative" or "positive": the sign of the effect the claim predicts."""
+    if est is None or not np.isfinite(est.lo) or not np.isfinite(est.hi):
+        return NOT_MEASURED if est is None else INCONCLUSIVE
+    lo, hi = (est.lo, est.hi) if predicted == "positive" else (-est.hi, -est.lo)
+    if lo > 0:
+        return SUPPORTED
+    if hi < 0:
+        return NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
+def _combine(verdicts: Sequence[str]) -> str:
+    if NOT_MEASURED in verdicts:
+        return NOT_MEASURED
+    if NOT_SUPPORTED in verdicts:
+        return NOT_SUPPORTED
+    return SUPPORTED if all(v == SUPPORTED for v in verdicts) else INCONCLUSIVE
+
+
+def _per_image_db(result, a: str, b: str, res: int, key: str, subset=None) -> dict[str, float]:
+    """{image: 10·log10(key_b / key_a)} over images where both are positive and finite."""
+    ra = {r["image"]: r[key] for r in result.select(a, res, subset)}
+    rb = {r["image"]: r[key] for r in result.select(b, res, subset)}
+    out = {}
+    for img, va in ra.items():
+        vb = rb.get(img)
+        if vb is not None and va > 0 and vb > 0 and math.isfinite(va) and math.isfinite(vb):
+            out[img] = 10.0 * math.log10(vb / va)
+    return out
+
+
+def _missing(result, names) -> list[str]:
+    return [n for n in names if n not in result.vaes]
+
+
+def _not_measured(cid, metric, why, unit, missing) -> Claim:
+    return Claim(cid, CLAIMS[cid], metric, why, None, unit, NOT_MEASURED, f"missing: {', '.join(missing)}")
+
+
+def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_boot: int = 2000) -> list[Claim]:
+    """Every claim of :data:`CLAIMS`, measured on ``result`` (see the module docstring)."""
+    r = {**ROLES, **(roles or {})}
+    base, card = r["base"], r["card"]
+    res_main = res_main or max(result.resolutions)
+    lo_res, hi_res = min(result.resolutions), max(result.resolutions)
+    kw = {"n_boot": n_boot}
+    out = []
+
+    # C1: the high-frequency part of the reconstruction error, per image, finetuned vs base.
+    metric1 = f"high-band (f > 1/4 cycle/px) error energy of Oklab L, finetuned vs base, at {res_main}²"
+    why1 = ("Noise a decoder adds (or detail it smears) shows up as error energy in the top band; the card's "
+            "claim is that finetuning lowers it. Per image in dB, so every image weighs the same.")
+    if miss := _missing(result, [base, card]):
+        out.append(_not_measured("C1", metric1, why1, "dB", miss))
+    else:
+        db = _per_image_db(result, base, card, res_main, HF_KEY)
+        est = stats.bootstrap_ci(np.array(list(db.values())), **kw)
+        dhf = result.paired(base, card, ["dhf_db@0.25_L"], **kw).get(res_main, {}).get("all", {}).get("dhf_db@0.25_L")
+        effects = {f"all, {res_main}²": est}
+        for s in result.subsets():
+            sub = _per_image_db(result, base, card, res_main, HF_KEY, s)
+            effects[f"{s}, {res_main}²"] = stats.bootstrap_ci(np.array(list(sub.values())), **kw)
+        out.append(Claim("C1", CLAIMS["C1"], metric1, why1, est, "dB", verdict_from_ci(est, "negative"),
+                         f"reconstruction high-band power change ΔHF(card) − ΔHF(base): {dhf.fmt(2)} dB" if dhf else "",
+                         effects))
+
+    # C2: the same per-image effect, flat art vs photos (independent image sets).
+    metric2 = f"C1's per-image effect (dB) on flat art minus on photos, at {res_main}²"
+    why2 = "If the effect is stronger on flat colours, flat art's high-band error falls by more dB than photos'."
+    subsets = result.subsets()
+    if miss := _missing(result, [base, card]) or [s for s in ("flat art", "photos") if s not in subsets]:
+        out.append(_not_measured("C2", metric2, why2, "dB", miss))
+    else:
+        flat = list(_per_image_db(result, base, card, res_main, HF_KEY, "flat art").values())
+        photo = list(_per_image_db(result, base, card, res_main, HF_KEY, "photos").values())
+        est = stats.unpaired_difference(flat, photo, **kw)
+        out.append(Claim("C2", CLAIMS["C2"], metric2, why2, est, "dB", verdict_from_ci(est, "negative"),
+                         f"flat art n={len(flat)}, photos n={len(photo)}",
+                         {"flat art": stats.bootstrap_ci(np.array(flat), **kw),
+                          "photos": stats.bootstrap_ci(np.array(photo), **kw), "flat − photos": est}))
+
+    # C3: the per-image effect at the lowest vs the highest resolution, paired by image.
+    metric3 = f"C1's per-image effect (dB) at {lo_res}² minus at {hi_res}², same images"
+    why3 = "A stronger effect at low resolution means a more negative dB change there than at high resolution."
+    if miss := _missing(result, [base, card]) or ([] if lo_res != hi_res else ["a second resolution"]):
+        out.append(_not_measured("C3", metric3, why3, "dB", miss))
+    else:
+        low = _per_image_db(result, base, card, lo_res, HF_KEY)
+        high = _per_image_db(result, base, card, hi_res, HF_KEY)
+        common = [i for i in low if i in high]
+        est = stats.paired_difference(np.array([low[i] for i in common]), np.array([high[i] for i in common]), **kw)
+        effects = {f"{res}²": stats.bootstrap_ci(np.array(list(_per_image_db(result, base, card, res, HF_KEY).values())), **kw)
+                   for res in result.resolutions}
+        effects[f"{lo_res}² − {hi_res}²"] = est
+        out.append(Claim("C3", CLAIMS["C3"], metric3, why3, est, "dB", verdict_from_ci(est, "negative"),
+                         f"n={len(common)} images at both resolutions", effects))
+
+    # C4: ringing around edges and noise in flat regions, finetuned − base.
+    metric4 = f"ringing overshoot in the band 1–6 px from edges, and flat-region error std, finetuned − base, at {res_main}²"
+    why4 = ("'Artifacting around edges' is overshoot beyond the local min/max next to an edge (ringing); "
+            "'smoother' is less error variation where the original is flat.")
+    if miss := _missing(result, [base, card]):
+        out.append(_not_measured("C4", metric4, why4, "", miss))
+    else:
+        p = result.paired(base, card, ["overshoot_mean", "flat_noise"], **kw)[res_main]["all"]
+        v = _combine([verdict_from_ci(p["overshoot_mean"], "negative"), verdict_from_ci(p["flat_noise"], "negative")])
+        out.append(Claim("C4", CLAIMS["C4"], metric4, why4, p["overshoot_mean"], "Oklab L", v,
+                         f"flat-region noise change {p['flat_noise'].fmt(4)}",
+                         {"overshoot": p["overshoot_mean"], "flat noise": p["flat_noise"]}))
+
+    # C5: non-inferiority of PSNR and LPIPS on every subset and resolution.
+    metric5 = (f"PSNR and LPIPS, finetuned − base, per subset and resolution; an 'obvious loss' is a PSNR drop "
+               f"> {PSNR_MARGIN} dB or an LPIPS rise > {LPIPS_MARGIN}")
+    why5 = "'No obvious loss on any type' is a non-inferiority claim: every subset's CI must exclude an obvious loss."
+    if miss := _missing(result, [base, card]):
+        out.append(_not_measured("C5", metric5, why5, "dB", miss))
+    else:
+        pairs = result.paired(base, card, ["psnr", "lpips"], **kw)
+        verdicts, effects, worst = [], {}, None
+        for res, groups in pairs.items():
+            for g, e in groups.items():
+                if g == "all":
+                    continue
+                ps, lp = e["psnr"], e["lpips"]
+                effects[f"{g}, {res}² PSNR"] = ps
+                ok = ps.lo > -PSNR_MARGIN and (not np.isfinite(lp.hi) or lp.hi < LPIPS_MARGIN)
+                bad = ps.hi < -PSNR_MARGIN or (np.isfinite(lp.lo) and lp.lo > LPIPS_MARGIN)
+                verdicts.append(SUPPORTED if ok else NOT_SUPPORTED if bad else INCONCLUSIVE)
+                if worst is None or ps.value < worst[1].value:
+                    worst = (f"{g} at {res}²", ps, lp)
+        v = _combine(verdicts) if verdicts else NOT_MEASURED
+        out.append(Claim("C5", CLAIMS["C5"], metric5, why5, worst[1] if worst else None, "dB PSNR", v,
+                         f"worst subset: {worst[0]}, PSNR {worst[1].fmt(2)} dB, LPIPS {worst[2].fmt(4)}" if worst else "",
+                         effects))
+
+    # C6: Oklab vs sRGB loss space, judged by a colour difference independent of both (CIEDE2000 via CIELAB).
+    srgb = r["srgb"]
+    metric6 = f"CIEDE2000 (CIELAB, independent of the training space), Oklab-loss − sRGB-loss finetune, at {res_main}²"
+    why6 = ("If an Oklab loss spends its effort on the channels people see, the result should have a smaller "
+            "perceptual colour difference measured in a third space, not just a smaller Oklab error.")
+    if miss := _missing(result, [card, srgb]):
+        out.append(_not_measured("C6", metric6, why6, "ΔE00", miss))
+    else:
+        p = result.paired(srgb, card, ["ciede2000_mean", "L_mae", "a_mae", "b_mae"], **kw)[res_main]["all"]
+        out.append(Claim("C6", CLAIMS["C6"], metric6, why6, p["ciede2000_mean"], "ΔE00",
+                         verdict_from_ci(p["ciede2000_mean"], "negative"),
+                         f"Oklab MAE change L {p['L_mae'].fmt(4)}, a {p['a_mae'].fmt(4)}, b {p['b_mae'].fmt(4)}",
+                         {"ΔE2000": p["ciede2000_mean"]}))
+
+    # C7: the mix vs the pure losses: sharper than MSE-only and smoother (flat regions) than MAE-only.
+    mae, mse = r["mae"], r["mse"]
+    metric7 = (f"edge sharpness ratio, mix − MSE-only (should be > 0), and flat-region noise, mix − MAE-only "
+               f"(should be < 0), at {res_main}²")
+    why7 = ("MSE's gradient is proportional to the error and averages across edges (blur); MAE's is its sign and "
+            "keeps edges but tolerates small noise. A balance is sharper than MSE alone and smoother than MAE alone.")
+    if miss := _missing(result, [card, mae, mse]):
+        out.append(_not_measured("C7", metric7, why7, "", miss))
+    else:
+        ps = result.paired(mse, card, ["sharpness_ratio"], **kw)[res_main]["all"]["sharpness_ratio"]
+        pn = result.paired(mae, card, ["flat_noise"], **kw)[res_main]["all"]["flat_noise"]
+        v = _combine([verdict_from_ci(ps, "positive"), verdict_from_ci(pn, "negative")])
+        out.append(Claim("C7", CLAIMS["C7"], metric7, why7, ps, "sharpness ratio", v,
+                         f"flat-region noise, mix − MAE-only: {pn.fmt(4)}",
+                         {"sharpness: mix − MSE": ps, "flat noise: mix − MAE": pn}))
+    return out
+
+
+def claims_markdown(claims: Sequence[Claim], context: str = "") -> str:
+    """The claims table that the README includes (``figures/claims.md``)."""
+    lines = ["| claim | metric | measured effect [95% CI] | verdict |", "|---|---|---|---|"]
+    for c in claims:
+        eff = c.effect.fmt(4 if abs(c.effect.value) < 0.01 else 3) + (f" {c.unit}" if c.unit else "") \
+            if c.effect is not None and np.isfinite(c.effect.value) else "—"
+        detail = f"; {c.detail}" if c.detail else ""
+        lines.append(f"| **{c.id}** {c.claim} | {c.metric} | {eff}{detail} | **{c.verdict}** |")
+    return (context.strip() + "\n\n" if context else "") + "\n".join(lines) + "\n"

@@ -1,0 +1,181 @@
+"""The notebook suite: shared settings of the numbered notebooks and the headless runner behind ``make demo``.
+
+Every notebook's first code cell (tagged ``parameters`` for papermill) holds ``SMOKE``, ``SEED``,
+``RUN_ROOT`` and ``FIG_DIR``; ``None`` means "from the environment": ``FVAE_SMOKE=1`` turns smoke mode
+on (tiny configs, a few steps: what the tests run), ``FVAE_RUN_ROOT`` and ``FVAE_FIG_DIR`` move the
+cached runs and the figures (tests point them at a temporary folder). :func:`settings` resolves them.
+
+:func:`run_notebooks` executes the notebooks in order with papermill (cwd = the project root), writing
+the executed copies under ``runs/notebooks/`` (never into git) and printing progress.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+NOTEBOOKS = ("01_data_prep", "02_recipe", "03_training", "04_loss_ablations", "05_frequency_analysis",
+             "06_model_card_claims")
+
+
+def project_root() -> Path:
+    """The fvae checkout: the nearest folder above the cwd (or this package) holding pyproject.toml and notebooks/."""
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for p in (start, *start.parents):
+            if (p / "pyproject.toml").is_file() and (p / "notebooks").is_dir():
+                return p
+    raise FileNotFoundError("fvae: cannot find the project root (a folder with pyproject.toml and notebooks/)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    smoke: bool
+    seed: int
+    root: Path  # the project root
+    run_root: Path  # cached runs (by config hash) and evaluation outputs
+    fig_dir: Path  # figures/NN_name.png
+
+    def fig(self, fig, name: str) -> Path:
+        """Save a figure as ``fig_dir/name.png`` (the one figure helper: :func:`fvae_core.plotting.save_figure`)."""
+        from fvae_core.plotting import save_figure
+
+        return save_figure(fig, name, self.fig_dir)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def settings(smoke=None, seed: int = 0, run_root=None, fig_dir=None) -> Settings:
+    """Resolve a notebook's parameters cell (``None`` = environment, then the defaults)."""
+    root = project_root()
+    smoke = _env_flag("FVAE_SMOKE") if smoke is None else bool(smoke)
+    run_root = Path(run_root or os.environ.get("FVAE_RUN_ROOT") or root / "runs" / ("suite-smoke" if smoke else "suite"))
+    fig_dir = Path(fig_dir or os.environ.get("FVAE_FIG_DIR") or root / "figures")
+    if not run_root.is_absolute():
+        run_root = root / run_root
+    if not fig_dir.is_absolute():
+        fig_dir = root / fig_dir
+    run_root.mkdir(parents=True, exist_ok=True)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    return Settings(smoke, int(seed), root, run_root, fig_dir)
+
+
+def run_notebooks(names=NOTEBOOKS, *, smoke: bool = False, out_dir=None, env: dict | None = None,
+                  progress: bool = True, log: Callable = print) -> dict[str, float]:
+    """Execute notebooks headless, in order (later ones reuse earlier runs); returns seconds per notebook.
+
+    Raises :class:`RuntimeError` naming the notebook and cell that failed.
+    """
+    import papermill as pm
+
+    root = project_root()
+    out_dir = Path(out_dir or root / "runs" / ("notebooks-smoke" if smoke else "notebooks"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = dict(os.environ)
+    os.environ.update({"FVAE_SMOKE": "1" if smoke else "0", **(env or {})})
+    times = {}
+    try:
+        for i, name in enumerate(names, 1):
+            src = root / "notebooks" / f"{name}.ipynb"
+            if not src.is_file():
+                raise FileNotFoundError(f"no notebook {src}")
+            log(f"[{i}/{len(names)}] {name} ...")
+            t0 = time.perf_counter()
+            try:
+                pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), cwd=str(root), kernel_name="python3",
+                                    progress_bar=progress, log_output=False, stdout_file=None)
+            except pm.PapermillExecutionError as e:
+                raise RuntimeError(f"{name}: cell {e.exec_count} failed: {e.ename}: {e.evalue}") from e
+            times[name] = time.perf_counter() - t0
+            log(f"[{i}/{len(names)}] {name} done in {times[name]:.0f} s")
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return times
+
+
+# ---- the suite's runs and evaluation (shared by notebooks 03-06) ----------------------------------------
+#: The ablation grid of notebook 04: the card's recipe and one change each (see runs.config.ABLATIONS).
+ABLATIONS = ("card", "mae-only", "mse-only", "srgb-loss", "no-gan", "hinge-gan")
+SMOKE_ABLATIONS = ("card", "mse-only")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPlan:
+    sources: tuple[str, ...]
+    limit: int  # images per source
+    resolutions: tuple[int, ...]
+    lpips_net: str
+
+
+#: What notebooks 04-06 evaluate. The tiny models were trained on 64² crops of OpenMoji rendered at 128
+#: and of the photos; 64² and 128² views test the resolution claim. All 8 photos are used.
+EVAL_FULL = EvalPlan(("openmoji", "photos"), 100, (64, 128), "vgg16")
+EVAL_SMOKE = EvalPlan(("openmoji", "photos"), 3, (32, 64), "alexnet")
+
+
+def base_weights(s: Settings, pretrain: bool = False, log: Callable = print) -> Path:
+    """The tiny base VAE: the committed ``weights/tiny-cpu``, or (``pretrain``) a cached ``tiny-cpu`` run's export."""
+    if not pretrain:
+        return s.root / "weights" / "tiny-cpu"
+    from fvae_core.runs import cache
+    from fvae_core.runs.config import preset, smoke_variant
+
+    cfg = preset("tiny-cpu")
+    return cache.cached_run(smoke_variant(cfg) if s.smoke else cfg, s.run_root, log=log) / "export" / "diffusers"
+
+
+def finetune_config(s: Settings, base: Path, ablation: str = "card"):
+    """``tiny-cpu-finetune`` from ``base`` with one ablation, shrunk in smoke mode."""
+    from fvae_core.runs import cache
+    from fvae_core.runs.config import preset, smoke_variant
+
+    cfg = dataclasses.replace(preset("tiny-cpu-finetune"), init=str(base), seed=s.seed)
+    cfg = cache.ablation(cfg, ablation)
+    return smoke_variant(cfg) if s.smoke else cfg
+
+
+def finetune_runs(s: Settings, base: Path, names=None, log: Callable = print) -> dict[str, Path]:
+    """The finished (cached) finetune run directory of each ablation."""
+    from fvae_core.runs import cache
+
+    names = names or (SMOKE_ABLATIONS if s.smoke else ABLATIONS)
+    return {n: cache.cached_run(finetune_config(s, base, n), s.run_root, log=log) for n in names}
+
+
+def suite_evaluation(s: Settings, base: Path, runs: dict[str, Path], log: Callable = print):
+    """The base and every finetune (EMA export) evaluated on the same images (:data:`EVAL_FULL` /
+    :data:`EVAL_SMOKE`), cached under the run root; VAE names are "base" and the ablation names."""
+    from fvae_core.evaluate import cached_evaluation
+
+    plan = EVAL_SMOKE if s.smoke else EVAL_FULL
+    vaes = {"base": base, **{n: r / "export" / "diffusers" for n, r in runs.items()}}
+    return cached_evaluation(vaes, plan.sources, plan.resolutions, s.run_root, limit=plan.limit,
+                             lpips_net=plan.lpips_net, log=log)
+
+
+def main(argv=None) -> int:
+    """``python -m fvae_core.suite [--smoke] [NN_name ...]``: what ``make demo`` runs."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m fvae_core.suite", description=main.__doc__)
+    ap.add_argument("names", nargs="*", default=list(NOTEBOOKS))
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        times = run_notebooks(args.names, smoke=args.smoke)
+    except (RuntimeError, FileNotFoundError) as e:
+        print(f"fvae suite: error: {e}", file=sys.stderr)
+        return 1
+    print(f"suite: {len(times)} notebooks in {(time.perf_counter() - t0) / 60:.1f} min; figures in "
+          f"{settings().fig_dir}, claims table in figures/claims.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

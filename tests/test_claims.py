@@ -1,0 +1,119 @@
+"""Claim verdicts on synthetic evaluations whose effects are known by construction.
+
+Each row set is built so that the truth of every claim is fixed: a "card" VAE whose high-band error is
+half the base's on flat art and unchanged on photos (so C1 holds overall, C2 holds), and so on. The
+same assessment must flip to "not supported" when the effect is reversed, say "inconclusive" when
+there is none, and "not measured" when the VAEs it needs are absent.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fvae_core import claims
+from fvae_core.evaluate import EvalResult
+
+KEYS = ("psnr", "lpips", "err_hf_energy@0.25_L", "dhf_db@0.25_L", "overshoot_mean", "flat_noise",
+        "ciede2000_mean", "L_mae", "a_mae", "b_mae", "sharpness_ratio")
+
+
+def _rows(effects: dict, n=40, resolutions=(64, 128), seed=0):
+    """effects: vae -> function(base_value_dict, subset, res) -> value dict (multiplicative tweaks)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for res in resolutions:
+        for i in range(n):
+            subset = "flat art" if i < n // 2 else "photos"
+            base = {k: float(rng.uniform(0.5, 1.5)) for k in KEYS}
+            base["psnr"] = float(rng.uniform(20, 30))
+            base["lpips"] = float(rng.uniform(0.05, 0.2))
+            for vae, f in effects.items():
+                vals = f(dict(base), subset, res, rng)
+                rows.append({"vae": vae, "resolution": res, "subset": subset, "image": f"img{i}", **vals})
+    return EvalResult(rows, {}, list(effects), list(resolutions), [], {}, {}, {})
+
+
+def _jitter(v, rng, scale=0.005):
+    return {k: x * (1 + scale * rng.standard_normal()) for k, x in v.items()}
+
+
+def _card_true(v, subset, res, rng):
+    v = _jitter(v, rng)
+    if subset == "flat art":  # C1/C2: the high-band error halves on flat art only, more at low res (C3)
+        v["err_hf_energy@0.25_L"] *= 0.3 if res == 64 else 0.5
+    v["overshoot_mean"] *= 0.8  # C4
+    v["flat_noise"] *= 0.8
+    v["psnr"] += 0.3  # C5
+    v["lpips"] *= 0.95
+    return v
+
+
+def _mae(v, subset, res, rng):
+    v = _jitter(v, rng)
+    v["flat_noise"] *= 1.5  # the mix is smoother than MAE-only
+    return v
+
+
+def _mse(v, subset, res, rng):
+    v = _jitter(v, rng)
+    v["sharpness_ratio"] *= 0.7  # the mix is sharper than MSE-only
+    return v
+
+
+def _srgb(v, subset, res, rng):
+    v = _jitter(v, rng)
+    v["ciede2000_mean"] *= 1.3  # the Oklab-loss card run has the smaller CIEDE2000
+    return v
+
+
+def _same(v, subset, res, rng):
+    return _jitter(v, rng)
+
+
+def _by_id(cs):
+    return {c.id: c for c in cs}
+
+
+def test_all_claims_supported_when_true():
+    res = _rows({"base": _same, "card": _card_true, "mae-only": _mae, "mse-only": _mse, "srgb-loss": _srgb})
+    got = _by_id(claims.assess(res, res_main=128, n_boot=500))
+    assert {k: c.verdict for k, c in got.items()} == {k: claims.SUPPORTED for k in claims.CLAIMS}
+    assert got["C1"].effect.hi < 0 and got["C2"].effect.hi < 0 and got["C3"].effect.hi < 0
+    md = claims.claims_markdown(got.values(), "context line")
+    assert md.startswith("context line") and md.count("**supported**") == 7
+
+
+def test_reversed_effects_are_not_supported():
+    def worse(v, subset, res, rng):
+        v = _jitter(v, rng)
+        v["err_hf_energy@0.25_L"] *= 2.0
+        v["overshoot_mean"] *= 1.3
+        v["psnr"] -= 1.0
+        return v
+    got = _by_id(claims.assess(_rows({"base": _same, "card": worse}), n_boot=500))
+    assert got["C1"].verdict == claims.NOT_SUPPORTED
+    assert got["C4"].verdict == claims.NOT_SUPPORTED
+    assert got["C5"].verdict == claims.NOT_SUPPORTED
+    assert got["C6"].verdict == got["C7"].verdict == claims.NOT_MEASURED
+    assert "srgb-loss" in got["C6"].detail
+
+
+def test_no_effect_is_inconclusive():
+    got = _by_id(claims.assess(_rows({"base": _same, "card": _same}, seed=3), n_boot=500))
+    for cid in ("C1", "C2", "C3", "C4"):
+        assert got[cid].verdict == claims.INCONCLUSIVE, (cid, got[cid].effect)
+    # 0.5% jitter on PSNR ~25 dB: CIs well within the 0.25 dB margin, so "no obvious loss" holds.
+    assert got["C5"].verdict == claims.SUPPORTED
+
+
+@pytest.mark.parametrize("est, predicted, want", [
+    ((-1.0, -2.0, -0.5), "negative", claims.SUPPORTED),
+    ((1.0, 0.5, 2.0), "negative", claims.NOT_SUPPORTED),
+    ((0.1, -0.5, 0.7), "negative", claims.INCONCLUSIVE),
+    ((1.0, 0.5, 2.0), "positive", claims.SUPPORTED),
+    ((1.0, float("nan"), float("nan")), "positive", claims.INCONCLUSIVE),
+])
+def test_verdict_from_ci(est, predicted, want):
+    from fvae_core.stats import Estimate
+
+    assert claims.verdict_from_ci(Estimate(*est, 10), predicted) == want
