@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fvae-installed
 
-.PHONY: venv test demo bench bench-data tiny clean
+.PHONY: venv test demo demo-smoke lab notebooks-sync bench bench-data bench-eval tiny clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,22 @@ $(STAMP): requirements/core.txt requirements/dev.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The notebook suite at the embedded default scale: 01-06 executed headless (papermill), figures/ and
+# figures/claims.md written; runs cached by config hash under runs/suite (a second run takes minutes).
 demo: $(STAMP)
-	$(VENV)/bin/fvae demo --out runs/demo
+	$(PY) -m fvae_core.suite
+
+demo-smoke: $(STAMP)
+	$(PY) -m fvae_core.suite --smoke
+
+# JupyterLab on the notebooks (installed on first use: it is not needed for tests or the demo).
+lab: $(STAMP)
+	$(PY) -m pip install -q -r requirements/lab.txt
+	$(VENV)/bin/jupyter lab notebooks/
+
+# After editing a notebook's .py (the reviewed text form), regenerate its .ipynb (outputs stay empty).
+notebooks-sync: $(STAMP)
+	$(VENV)/bin/jupytext --to ipynb notebooks/0*.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/autoencoder.py
@@ -33,6 +47,9 @@ tiny: $(STAMP)
 
 bench-data: $(STAMP)
 	$(PY) benchmarks/data.py
+
+bench-eval: $(STAMP)
+	$(PY) benchmarks/eval.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
