@@ -31,7 +31,7 @@ demo-smoke: $(STAMP)
 # JupyterLab on the notebooks (installed on first use: it is not needed for tests or the demo).
 lab: $(STAMP)
 	$(PY) -m pip install -q -r requirements/lab.txt
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 # After editing a notebook's .py (the reviewed text form), regenerate its .ipynb (outputs stay empty).
 notebooks-sync: $(STAMP)

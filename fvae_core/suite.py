@@ -64,6 +64,25 @@ def settings(smoke=None, seed: int = 0, run_root=None, fig_dir=None) -> Settings
     return Settings(smoke, int(seed), root, run_root, fig_dir)
 
 
+class _Heartbeat:
+    """Prints "still running" once a minute: a training cell runs for minutes without a cell finishing."""
+
+    def __init__(self, label: str, log: Callable, every: float = 60.0):
+        import threading
+
+        self.label, self.log, self.every, self.t0 = label, log, every, time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.log(f"\n{self.label}: running for {(time.perf_counter() - self.t0) / 60:.0f} min")
+
+    def stop(self):
+        self._stop.set()
+
+
 def run_notebooks(names=NOTEBOOKS, *, smoke: bool = False, out_dir=None, env: dict | None = None,
                   progress: bool = True, log: Callable = print) -> dict[str, float]:
     """Execute notebooks headless, in order (later ones reuse earlier runs); returns seconds per notebook.
@@ -85,11 +104,15 @@ def run_notebooks(names=NOTEBOOKS, *, smoke: bool = False, out_dir=None, env: di
                 raise FileNotFoundError(f"no notebook {src}")
             log(f"[{i}/{len(names)}] {name} ...")
             t0 = time.perf_counter()
+            beat = _Heartbeat(f"[{i}/{len(names)}] {name}", log) if progress else None
             try:
                 pm.execute_notebook(str(src), str(out_dir / f"{name}.ipynb"), cwd=str(root), kernel_name="python3",
                                     progress_bar=progress, log_output=False, stdout_file=None)
             except pm.PapermillExecutionError as e:
                 raise RuntimeError(f"{name}: cell {e.exec_count} failed: {e.ename}: {e.evalue}") from e
+            finally:
+                if beat:
+                    beat.stop()
             times[name] = time.perf_counter() - t0
             log(f"[{i}/{len(names)}] {name} done in {times[name]:.0f} s")
     finally:

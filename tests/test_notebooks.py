@@ -70,3 +70,13 @@ def test_suite_executes_in_smoke_mode(tmp_path):
     text = "\n".join(c.source + str(c.get("outputs")) for c in
                      nbformat.read(tmp_path / "again" / "05_frequency_analysis.ipynb", as_version=4).cells)
     assert "reusing" in text and "training into" not in text
+
+
+def test_readme_shows_the_committed_claims_table():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- claims:start", 1)[1].split("-->", 1)[1].split("<!-- claims:end -->", 1)[0]
+    assert block.strip() == (ROOT / "figures" / "claims.md").read_text().strip()
+    import re
+
+    figures = re.findall(r"\]\((figures/[^)]+\.png)\)", readme)
+    assert len(figures) >= 4 and all((ROOT / f).is_file() for f in figures), figures

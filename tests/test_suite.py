@@ -1,0 +1,61 @@
+"""Suite plumbing: run-cache keys, ablations, notebook settings (cheap; the notebooks themselves run in test_notebooks)."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fvae_core import suite
+from fvae_core.runs import cache
+from fvae_core.runs.config import ABLATIONS, ConfigError, preset, smoke_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_key_ignores_the_name_and_tracks_what_is_computed(tmp_path):
+    cfg = dataclasses.replace(preset("tiny-cpu-finetune"), init=str(ROOT / "weights" / "tiny-cpu"))
+    key = cache.config_key(cfg)
+    assert cache.config_key(dataclasses.replace(cfg, name="renamed")) == key
+    assert cache.config_key(dataclasses.replace(cfg, steps=301)) != key
+    assert cache.config_key(cache.ablation(cfg, "mse-only")) != key
+    # The same weights elsewhere give the same key; changed weight bytes give a new one.
+    copy = tmp_path / "w"
+    shutil.copytree(ROOT / "weights" / "tiny-cpu", copy)
+    assert cache.config_key(dataclasses.replace(cfg, init=str(copy))) == key
+    st = next(copy.rglob("*.safetensors"))
+    data = bytearray(st.read_bytes())
+    data[-1] ^= 1
+    st.write_bytes(bytes(data))
+    assert cache.config_key(dataclasses.replace(cfg, init=str(copy))) != key
+
+
+def test_ablations_change_one_recipe_field_each():
+    cfg = preset("tiny-cpu-finetune")
+    assert cache.ablation(cfg, "card") is cfg
+    for name, change in ABLATIONS.items():
+        a = cache.ablation(cfg, name)
+        assert a.name.endswith(name) and {k: getattr(a.recipe, k) for k in change} == change
+        assert dataclasses.replace(a.recipe, **{k: getattr(cfg.recipe, k) for k in change}) == cfg.recipe
+    with pytest.raises(ConfigError, match="unknown ablation"):
+        cache.ablation(cfg, "no-such")
+
+
+def test_smoke_variant_keeps_the_recipe_and_shrinks_the_run():
+    cfg = preset("tiny-cpu-finetune")
+    s = smoke_variant(cfg)
+    assert (s.steps, s.batch_size, s.data.crop) == (3, 2, 32) and s.recipe.disc_start == 0
+    for f in ("loss_space", "gan", "critic_norm", "lpips_weight", "w_mae", "w_mse", "ema_decay"):
+        assert getattr(s.recipe, f) == getattr(cfg.recipe, f)
+
+
+def test_settings_resolve_environment_then_defaults(tmp_path, monkeypatch):
+    monkeypatch.delenv("FVAE_RUN_ROOT", raising=False)
+    monkeypatch.setenv("FVAE_FIG_DIR", str(tmp_path / "figs"))
+    monkeypatch.setenv("FVAE_SMOKE", "1")
+    s = suite.settings(run_root=tmp_path / "r")
+    assert s.smoke and s.fig_dir == tmp_path / "figs" and s.run_root == tmp_path / "r" and s.root == ROOT
+    assert not suite.settings(smoke=False, run_root=tmp_path / "r").smoke  # the parameter wins
+    monkeypatch.setenv("FVAE_SMOKE", "0")
+    assert suite.settings(run_root=tmp_path / "r").smoke is False
