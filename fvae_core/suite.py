@@ -181,6 +181,14 @@ def suite_evaluation(s: Settings, base: Path, runs: dict[str, Path], log: Callab
                              lpips_net=plan.lpips_net, log=log)
 
 
+def suite_results(s: Settings, pretrain: bool = False, log: Callable = print):
+    """``(base, runs, result)``: the base weights, every finetune run of the grid and their evaluation,
+    all cached (what notebooks 04-06 start from)."""
+    base = base_weights(s, pretrain, log=log)
+    runs = finetune_runs(s, base, log=log)
+    return base, runs, suite_evaluation(s, base, runs, log=log)
+
+
 def main(argv=None) -> int:
     """``python -m fvae_core.suite [--smoke] [NN_name ...]``: what ``make demo`` runs."""
     import argparse

@@ -42,9 +42,7 @@ from fvae_core import evaluate, plotting, suite
 from fvae_core.explorer import Explorer
 
 S = suite.settings(SMOKE, SEED, RUN_ROOT, FIG_DIR)
-base = suite.base_weights(S, PRETRAIN)
-runs = suite.finetune_runs(S, base)
-result = suite.suite_evaluation(S, base, runs)
+base, runs, result = suite.suite_results(S, PRETRAIN)  # cached: trained and evaluated once
 print(f"{len(runs)} runs; evaluated {len(result.rows)} (VAE, resolution, image) rows at {result.resolutions}")
 
 # %% [markdown]

@@ -37,9 +37,7 @@ from IPython.display import Image, Markdown, display
 from fvae_core import plotting, suite
 
 S = suite.settings(SMOKE, SEED, RUN_ROOT, FIG_DIR)
-base = suite.base_weights(S, PRETRAIN)
-runs = suite.finetune_runs(S, base)  # cached by notebooks 03/04
-result = suite.suite_evaluation(S, base, runs)  # cached by notebook 04
+base, runs, result = suite.suite_results(S, PRETRAIN)  # cached: trained and evaluated once
 A, B = "base", "card"
 print(result.vaes, result.resolutions, result.subsets())
 

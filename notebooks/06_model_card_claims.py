@@ -39,9 +39,7 @@ from IPython.display import Image, Markdown, display
 from fvae_core import claims, plotting, suite
 
 S = suite.settings(SMOKE, SEED, RUN_ROOT, FIG_DIR)
-base = suite.base_weights(S, PRETRAIN)
-runs = suite.finetune_runs(S, base)  # cached by notebooks 03/04
-result = suite.suite_evaluation(S, base, runs)  # cached by notebook 04
+base, runs, result = suite.suite_results(S, PRETRAIN)  # cached: trained and evaluated once
 res_main = max(result.resolutions)
 found = {c.id: c for c in claims.assess(result, res_main=res_main)}
 

@@ -13,29 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter
 
 from fvae_core.cli import main
+from fake_vaes import Blur, Identity
 from fvae_core.evaluate import EvalError, evaluate, gather_images, views_at
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Identity:
-    name = "identity"
-
-    def __call__(self, x):
-        return x.copy()
-
-
-class Blur:
-    name = "blur"
-
-    def __init__(self, sigma=1.2):
-        self.sigma = sigma
-
-    def __call__(self, x):
-        return gaussian_filter(x, sigma=(0, self.sigma, self.sigma, 0), mode="reflect")
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import weakref
 
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter
 
+from fake_vaes import Blur, Identity
 from fvae_core.evaluate import EvalImage, evaluate, gather_images
 from fvae_core.explorer import (DPI, VIEWS, Explorer, ExplorerError, ExplorerState, crop_box, crop_centre,
                                 default_state, image_choices, metrics_table, render)
@@ -27,20 +27,6 @@ from fvae_core.explorer import (DPI, VIEWS, Explorer, ExplorerError, ExplorerSta
 matplotlib = pytest.importorskip("matplotlib")
 pytest.importorskip("ipywidgets")
 from matplotlib.figure import Figure  # noqa: E402
-
-
-class Identity:
-    name = "identity"
-
-    def __call__(self, x):
-        return x.copy()
-
-
-class Blur:
-    name = "blur"
-
-    def __call__(self, x):
-        return gaussian_filter(x, sigma=(0, 1.2, 1.2, 0), mode="reflect")
 
 
 def _quiet(*args):
