@@ -17,8 +17,9 @@ $(STAMP): requirements/core.txt requirements/dev.txt pyproject.toml
 	$(PY) -c "import jax, flax, diffusers, torch; print('fvae env ok: jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__)"
 	touch $(STAMP)
 
+# Two workers, one test file each at a time (a file's tests share fixtures and run in order).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The notebook suite at the embedded default scale: 01-06 executed headless (papermill), figures/ and
 # figures/claims.md written; runs cached by config hash under runs/suite (a second run takes minutes).
