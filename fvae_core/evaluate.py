@@ -124,10 +124,6 @@ class EvalImage:
     rgb: np.ndarray  # uint8 HxWx3 at its native (prepared / rendered) size
 
 
-def _hash_order(items, key):
-    return sorted(items, key=key)
-
-
 def gather_images(sources: Sequence[str], *, limit: int | None = None, split: str = "val",
                   render_size: int = 512, log: Callable = print) -> tuple[list[EvalImage], list[dict]]:
     """The evaluation images and the skipped ones (``[{"item", "reason"}]``).
