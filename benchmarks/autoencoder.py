@@ -28,9 +28,10 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from _child import ms, rss_now, run_child  # benchmarks/_child.py (this folder is on sys.path)
 
 #: name -> (preset, batch, image size).
 CASES = {
@@ -200,24 +201,15 @@ def _child_rss(name, framework):
 
 
 def _rss_now():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_now()
 
 
 def _run_child(args, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), *args]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if p.returncode != 0:
-        sys.stderr.write(p.stderr[-4000:])
-        raise SystemExit(f"child {' '.join(args)} failed with exit code {p.returncode}")
-    last = [line for line in p.stdout.splitlines() if line.startswith("{")][-1]
-    return json.loads(last)
+    return run_child(__file__, args, timeout)
 
 
 # ---- report ---------------------------------------------------------------------------------------------
-def _ms(s):
-    return f"{1000 * s:.0f} ms" if s < 10 else f"{s:.1f} s"
+_ms = ms
 
 
 def _row(label, measure, f, t, ratio):

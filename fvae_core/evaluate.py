@@ -447,12 +447,13 @@ def _est_json(e) -> dict:
     return {"value": f(e.value), "lo": f(e.lo), "hi": f(e.hi), "n": e.n}
 
 
-def summary_markdown(result: EvalResult, keys=HEADLINE) -> str:
-    """Markdown tables: each VAE per resolution and subset, then the paired differences to the first VAE."""
+def summary_markdown(result: EvalResult, keys=HEADLINE, summ: dict | None = None) -> str:
+    """Markdown tables: each VAE per resolution and subset, then the paired differences to the first VAE.
+    ``summ``: an already computed :meth:`EvalResult.summary` over (at least) these keys."""
     from fvae_core.plotting import metric_table_markdown
 
     present = [(k, t) for k, t in keys if k in result.metric_keys]
-    summ = result.summary([k for k, _ in present])
+    summ = summ if summ is not None else result.summary([k for k, _ in present])
     parts = ["## Metrics (mean [95% bootstrap CI] over images)\n"]
     table = []
     for vae in result.vaes:
@@ -500,7 +501,7 @@ def write_results(result: EvalResult, out: Path, *, figures: bool = True, log: C
                                                        for r, gs in result.paired(result.vaes[0], b).items()}
                           for b in result.vaes[1:]}}
         (tmp / "summary.json").write_text(json.dumps(doc, indent=1))
-        (tmp / "summary.md").write_text(summary_markdown(result))
+        (tmp / "summary.md").write_text(summary_markdown(result, summ=summ))
         (tmp / "skipped.json").write_text(json.dumps(result.skipped, indent=1))
         np.savez_compressed(tmp / "spectra.npz", **{
             f"{vae}|{res}|{k}": np.asarray(v) for (vae, res), s in result.spectra.items()
