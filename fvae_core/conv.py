@@ -13,7 +13,8 @@ routes stride-1 "same" convs (odd kernel, torch-style symmetric ``k // 2`` paddi
 
 Measured per conv (fwd+bwd, same process, alternating): 0.15-0.7x XLA's time for 128-512 input channels
 at 128^2-256^2, but slower for 32-64 channels, where XLA's own kernel gradient is fast. So by default
-(``custom_grad=None``) the custom path is used only above :data:`MIN_CHANNELS` and :data:`MIN_PIXELS`.
+(``custom_grad=None``) the custom path is used only on XLA:CPU, above :data:`MIN_CHANNELS` and
+:data:`MIN_PIXELS`.
 The taps run in a ``fori_loop`` so that one window is live at a time: unrolled, XLA kept all nine alive
 and the sd decoder's fwd+bwd temp memory grew from 2.4 to 5.8 GiB.
 Everything else (strides, explicit or asymmetric padding, 1x1 or even kernels, mixed dtypes) is plain
@@ -107,6 +108,9 @@ def _normalize_padding(padding, kernel_shape) -> list[tuple[int, int]]:
 #: 128-512 channels the two are within 10%, and including those convs made the sd decoder 8% slower.
 MIN_CHANNELS = 128
 MIN_PIXELS = 128 * 128
+#: Backends on which ``custom_grad=None`` may pick the custom gradient. Only XLA:CPU was measured slow; on
+#: GPU XLA's own conv gradients are cuDNN kernels (compared in ``benchmarks/gpu_step.py``).
+CUSTOM_GRAD_BACKENDS = ("cpu",)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
@@ -115,9 +119,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
 
     ``padding`` is ``"SAME_TORCH"`` (symmetric ``k // 2`` on each side, torch's ``padding=k//2``) or two
     explicit ``(lo, hi)`` pairs. ``custom_grad``: ``None`` picks the custom-gradient path where it was
-    measured faster (stride 1, odd kernel, symmetric ``k // 2`` padding, same dtypes, input channels
-    >= :data:`MIN_CHANNELS` and H*W >= :data:`MIN_PIXELS`); ``True`` uses it wherever it applies (tests);
-    ``False`` never does. Where it does not apply this is plain ``lax.conv_general_dilated``.
+    measured faster (a backend in :data:`CUSTOM_GRAD_BACKENDS`, stride 1, odd kernel, symmetric ``k // 2``
+    padding, same dtypes, input channels >= :data:`MIN_CHANNELS` and H*W >= :data:`MIN_PIXELS`); ``True``
+    uses it wherever it applies (tests); ``False`` never does. Where it does not apply this is plain
+    ``lax.conv_general_dilated``.
     """
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
     pad = _normalize_padding(padding, kernel.shape)
@@ -125,7 +130,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
     applies = (strides == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and pad == _same_pad(kernel.shape)
                and x.dtype == kernel.dtype and x.ndim == 4 and (kh, kw) != (1, 1))
     if custom_grad is None:
-        custom_grad = cin >= MIN_CHANNELS and x.shape[1] * x.shape[2] >= MIN_PIXELS
+        custom_grad = (jax.default_backend() in CUSTOM_GRAD_BACKENDS
+                       and cin >= MIN_CHANNELS and x.shape[1] * x.shape[2] >= MIN_PIXELS)
     if applies and custom_grad:
         return _conv_same(x, kernel)
     return lax.conv_general_dilated(x, kernel, strides, pad, dimension_numbers=_DN)

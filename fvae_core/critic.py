@@ -136,11 +136,35 @@ class CriticNorm(nn.Module):
         return (y * scale + bias).astype(self.dtype)
 
 
+def patch_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    """Conv of NHWC ``x`` with HWIO ``kernel`` (symmetric zero padding, no dilation) as one matmul.
+
+    The ``kh * kw`` strided windows of the padded input are concatenated along channels (tap-major, the
+    order of ``kernel.reshape(kh * kw * C_in, C_out)``) and multiplied by the flattened kernel. Same values
+    as ``lax.conv_general_dilated`` (to float rounding), and every derivative of it -- slices, a
+    concatenate and a dot -- is again slices, pads and dots, so the gradient penalty's double backward
+    stays matmul-shaped. XLA:CPU's double backward of the conv itself is slow: about 50x its forward for
+    the 256->512 stride-1 layer at 32^2 (49 ms forward, 2.3 s for the penalty's param gradient; jax 0.10,
+    2-core EPYC), which made the critic update 5.7x PyTorch's at sd size (``benchmarks/RESULTS.md``).
+    """
+    kh, kw, cin, cout = kernel.shape
+    if x.shape[-1] != cin:
+        raise ValueError(f"conv input has {x.shape[-1]} channels, kernel expects {cin}")
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho = (xp.shape[1] - kh) // stride + 1
+    wo = (xp.shape[2] - kw) // stride + 1
+    cols = [lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, cin),
+                      (1, stride, stride, 1))
+            for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(cols, axis=-1) @ kernel.reshape(kh * kw * cin, cout)
+
+
 class CriticConv(nn.Module):
     """4x4 conv, NHWC/HWIO, symmetric padding 1 (torch ``padding=1``); kernel ~ N(0, 0.02), bias 0.
 
-    Plain ``lax.conv_general_dilated`` on purpose: the gradient penalties differentiate twice, so no
-    custom-VJP conv (``fvae_core.conv``) may be used here.
+    Computed by :func:`patch_conv` (im2col + one matmul), not ``lax.conv_general_dilated``, because the
+    gradient penalties differentiate twice and XLA's double backward of a conv is slow; for the same
+    reason no custom-VJP conv (``fvae_core.conv``) may be used here.
     """
 
     features: int
@@ -154,9 +178,7 @@ class CriticConv(nn.Module):
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param("kernel", _normal_init(_INIT_STD), (k, k, x.shape[-1], self.features))
-        pad = [(self.padding, self.padding)] * 2
-        y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2, pad,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = patch_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return y

@@ -253,6 +253,45 @@ def test_interpolate_one_eps_per_sample_in_unit_interval():
     np.testing.assert_array_equal(x, np.broadcast_to(eps[:, None, None, None], x.shape))
 
 
+# ---- patch_conv: the critic's conv as one matmul, vs lax.conv_general_dilated (the oracle) --------------
+@pytest.mark.parametrize("hw,cin,cout,stride,pad", [(16, 3, 8, 2, 1), (9, 5, 4, 1, 1), (12, 4, 6, 2, 0),
+                                                    (7, 2, 3, 1, 2)])
+def test_patch_conv_matches_lax_conv_to_second_order(hw, cin, cout, stride, pad):
+    from jax import lax
+
+    rng = np.random.default_rng(hw * 7 + cin)
+    x = jnp.asarray(rng.standard_normal((2, hw, hw + 1, cin)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((4, 4, cin, cout)) * 0.3, jnp.float32)
+
+    def ref(x, k):
+        return lax.conv_general_dilated(x, k, (stride, stride), [(pad, pad)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def ours(x, k):
+        return C.patch_conv(x, k, stride, pad)
+
+    y, yr = ours(x, k), ref(x, k)
+    assert y.shape == yr.shape
+    np.testing.assert_allclose(y, yr, rtol=1e-5, atol=1e-5)
+
+    # the gradient penalty's structure: a param gradient of a function of the input gradient
+    def penalty(conv):
+        def f(k):
+            g = jax.grad(lambda z: jnp.sum(jnp.tanh(conv(z, k))))(x)
+            return jnp.sum(jnp.square(g) * jnp.cos(x))
+        return f
+
+    for a, b in ((jax.grad(lambda z: jnp.sum(jnp.sin(ours(z, k))))(x),
+                  jax.grad(lambda z: jnp.sum(jnp.sin(ref(z, k))))(x)),
+                 (jax.grad(penalty(ours))(k), jax.grad(penalty(ref))(k))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_patch_conv_refuses_channel_mismatch():
+    with pytest.raises(ValueError, match="channels"):
+        C.patch_conv(jnp.zeros((1, 8, 8, 3)), jnp.zeros((4, 4, 2, 5)), 2, 1)
+
+
 # ---- penalties: PyTorch double-backprop oracle on the real network ------------------------------------
 def test_gp_value_and_param_gradient_match_torch():
     import torch

@@ -1,0 +1,313 @@
+"""The full decoder-finetune step on a GPU: fvae (JAX, bf16) vs the PyTorch step (bf16 autocast, eager and
+``torch.compile``), sd-vae-ft-mse at batch 32, 256² crops: issue 8's goal 3 (MFU, 150k-step wall time).
+
+A printed benchmark, not a test. The steps are the ones of ``benchmarks/train_step.py`` (same spec, same
+``TorchStep``, same ``Trainer.raw_step("adversarial")`` jitted with the state donated); only the device, the
+batch and the dtype differ:
+
+* fvae: the recipe's ``compute_dtype="bfloat16"`` (params, losses, optimiser and EMA fp32);
+* torch: fp32 params, ``torch.autocast(bfloat16)`` around the VAE, LPIPS and critic forwards (the pixel loss
+  and the Oklab conversions in fp32), ``cudnn.benchmark`` on, TF32 allowed; eager, then with the encoder,
+  decoder and LPIPS features under ``torch.compile`` (the critic's gradient penalty needs a double backward,
+  which ``torch.compile`` does not support, so the critic stays eager).
+
+Each variant runs in a child process of its own, so the GPU's memory and the peak-memory figure are its own.
+Measured per variant: compile time (first call), the median of ``--reps`` single steps (each synchronised),
+the time per step of ``--reps`` back-to-back steps (the throughput a training loop sees), peak device memory,
+and the last step's losses. MFU = FLOPs per step / time per step / the bf16 matmul peak measured here
+(8192³, JAX and torch, median of 10). FLOPs per step: fvae's loop-free lowering (XLA cost analysis, the
+custom conv gradient off; see ``train_step._loop_free_flops``) and torch's ``FlopCounterMode`` (eager).
+The card's run (150k steps at batch 32) is extrapolated from the back-to-back time per step.
+
+fvae is run twice: with the default conv gradient (XLA's, i.e. cuDNN, on GPU) and with
+``fvae_core.conv``'s custom kernel gradient forced on (the CPU choice) -- this is the measurement behind
+``fvae_core.conv.CUSTOM_GRAD_BACKENDS``.
+
+Usage (on the GPU machine)::
+
+    python benchmarks/gpu_step.py --out DIR          # everything, children in sequence
+    python benchmarks/gpu_step.py --batch 4 --reps 3  # smaller (works on CPU too, slowly)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from train_step import (TorchStep, _flops, _fvae_setup, _fvae_trainer, _images,  # noqa: E402
+                        _loop_free_flops, _spec, _to_torch)
+
+CARD_STEPS = 150_000
+PEAK_N = 8192
+VARIANTS = ("peak", "flops", "fvae", "torch", "fvae-custom-grad", "torch-compile")
+
+
+def _spec_for(batch, size):
+    spec = _spec("sd4", "vgg16", fvae_bf16=True)
+    spec.update(name=f"sd{batch}", batch=batch, size=size)
+    return spec
+
+
+def _median_time(fn, n):
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), ts
+
+
+def child_peak():
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    out = {}
+    a = jax.random.normal(jax.random.PRNGKey(0), (PEAK_N, PEAK_N), jnp.bfloat16)
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, a))
+    med, _ = _median_time(lambda: jax.block_until_ready(mm(a, a)), 10)
+    out["jax_bf16"] = 2 * PEAK_N**3 / med
+    if torch.cuda.is_available():
+        ta = torch.randn(PEAK_N, PEAK_N, device="cuda", dtype=torch.bfloat16)
+        torch.mm(ta, ta)
+        torch.cuda.synchronize()
+
+        def run():
+            torch.mm(ta, ta)
+            torch.cuda.synchronize()
+
+        med, _ = _median_time(run, 10)
+        out["torch_bf16"] = 2 * PEAK_N**3 / med
+        out["gpu"] = torch.cuda.get_device_name()
+    out["jax_device"] = str(jax.devices()[0])
+    out["jax"] = jax.__version__
+    out["torch"] = torch.__version__
+    return out
+
+
+def child_flops(batch, size):
+    """fvae's FLOPs per step, counted by XLA:CPU's cost analysis of the loop-free lowering (run with
+    ``JAX_PLATFORMS=cpu``). On GPU, XLA's cost analysis gives nothing before compilation and, after it, counts
+    the cuDNN convolution custom calls as 0 FLOPs (it reported 0.83 TFLOP for a ~75 TFLOP step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from fvae_core.autoencoder import init_params
+    from fvae_core.lpips import load_lpips
+
+    assert jax.default_backend() == "cpu", jax.default_backend()
+    spec = _spec_for(batch, size)
+    trainer = _fvae_trainer(spec)
+    params = jax.eval_shape(lambda: init_params(trainer.vae_config))
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    state = trainer.init_state(params, jax.random.PRNGKey(1), image_size=size)
+    state = state.replace(step=jnp.asarray(spec["step"], jnp.int32))
+    batch_ = {"image": jnp.zeros((batch, size, size, 3), jnp.float32)}
+    return {"flops": _loop_free_flops(trainer, state, batch_, jax.random.PRNGKey(2), load_lpips("vgg16"))}
+
+
+def child_fvae(batch, size, reps, custom_grad):
+    import jax
+
+    import fvae_core.conv
+    from fvae_core.autoencoder import init_params
+
+    if custom_grad:  # the CPU choice, forced on for this backend too
+        fvae_core.conv.CUSTOM_GRAD_BACKENDS = (jax.default_backend(),)
+    spec = _spec_for(batch, size)
+    params = init_params(_fvae_trainer(spec).vae_config)
+    trainer, lp, state, batch_, rng, step_c, compile_s = _fvae_setup(spec, params)
+    del params
+    compiled_flops = _flops(step_c)  # on GPU this misses cuDNN's convs (custom calls count 0): see child_flops
+    holder = {"state": state, "i": 0, "m": None}
+    del state
+
+    def step(sync=True):
+        holder["state"], holder["m"] = step_c(holder["state"], batch_, jax.random.fold_in(rng, holder["i"]), lp)
+        holder["i"] += 1
+        if sync:
+            jax.block_until_ready((holder["state"], holder["m"]))
+
+    t = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - t
+    step()
+    med, ts = _median_time(step, reps)
+    t = time.perf_counter()
+    for _ in range(reps):
+        step(sync=False)
+    jax.block_until_ready((holder["state"], holder["m"]))
+    pipelined = (time.perf_counter() - t) / reps
+    stats = jax.devices()[0].memory_stats() or {}
+    m = {k: float(v) for k, v in holder["m"].items()}
+    return {"compile_s": compile_s, "first_step_s": first_s, "median_s": med, "times": ts,
+            "pipelined_s": pipelined, "compiled_flops": compiled_flops, "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
+            "losses": {k: m[k] for k in ("loss/pixel", "loss/lpips", "adaptive_weight", "critic/loss",
+                                         "gen/skipped", "critic/skipped")},
+            "device": str(jax.devices()[0]), "backend": jax.default_backend()}
+
+
+def child_torch(batch, size, reps, compile_):
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    spec = _spec_for(batch, size)
+    tstep = TorchStep(spec, device=dev, autocast=torch.bfloat16)
+    x01 = _to_torch(_images(spec)).to(dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    flops = None
+    if not compile_:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            tstep.step(x01)
+        flops = float(counter.get_total_flops())
+    else:
+        tstep.vae.encoder = torch.compile(tstep.vae.encoder)
+        tstep.vae.decoder = torch.compile(tstep.vae.decoder)
+        tstep.lpips.features = torch.compile(tstep.lpips.features)
+    metrics = {}
+
+    def step(do_sync=True):
+        metrics.update(tstep.step(x01))
+        if do_sync:
+            sync()
+
+    t = time.perf_counter()
+    step()
+    first_s = time.perf_counter() - t
+    step()
+    med, ts = _median_time(step, reps)
+    t = time.perf_counter()
+    for _ in range(reps):
+        step(do_sync=False)
+    sync()
+    pipelined = (time.perf_counter() - t) / reps
+    peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else 0.0
+    return {"compile_s": first_s if compile_ else 0.0, "first_step_s": first_s, "median_s": med, "times": ts,
+            "pipelined_s": pipelined, "flops": flops, "peak_mem_gb": peak, "losses": metrics,
+            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+
+
+def _report(res, batch, size):
+    peak = res.get("peak", {})
+    pk = peak.get("jax_bf16")
+    print(f"\n## Full finetune step on {peak.get('gpu', peak.get('jax_device', '?'))}: sd-vae-ft-mse, B{batch}, "
+          f"{size}², bf16, LPIPS-VGG16, WGAN-GP critic\n")
+    if pk:
+        tp = peak.get("torch_bf16")
+        print(f"jax {peak.get('jax')}, torch {peak.get('torch')}. bf16 matmul peak measured here ({PEAK_N}³, "
+              f"median of 10): JAX {pk / 1e12:.0f} TFLOP/s" + (f", torch {tp / 1e12:.0f} TFLOP/s" if tp else "")
+              + ". MFU below is of the JAX figure, then of torch's.\n")
+    flops = res.get("flops", {}).get("flops")
+    torch_flops = res.get("torch", {}).get("flops")
+    base = res.get("torch", {}).get("pipelined_s")
+    print("| variant | compile / first step | step (median, synced) | step (back-to-back) | img/s | peak mem | "
+          "MFU | 150k steps | vs torch eager |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in VARIANTS[2:]:
+        r = res.get(name)
+        if not r:
+            print(f"| {name} | (not run: {res.get(name + '_error', 'skipped')}) | | | | | | | |")
+            continue
+        f = flops if name.startswith("fvae") else (torch_flops or flops)
+        t = r["pipelined_s"]
+        tp = peak.get("torch_bf16")
+        mfu = (f"{f / t / pk:.0%}" + (f" / {f / t / tp:.0%}" if tp else "")) if (f and pk) else "—"
+        rel = f"{t / base:.2f}" if base else "—"
+        print(f"| {name} | {r['compile_s']:.1f} s / {r['first_step_s']:.1f} s | {1000 * r['median_s']:.0f} ms | "
+              f"{1000 * t:.0f} ms | {batch / t:.0f} | {r['peak_mem_gb']:.1f} GB | {mfu} | "
+              f"{CARD_STEPS * t / 3600:.1f} h | {rel} |")
+    if flops:
+        print(f"\nFLOPs per step: fvae {flops / 1e12:.1f} TFLOP (XLA:CPU cost analysis of the loop-free lowering)"
+              + (f", torch {torch_flops / 1e12:.1f} TFLOP (FlopCounterMode)" if torch_flops else ""))
+    for name in VARIANTS[2:]:
+        if name in res:
+            print(f"  {name}: last step losses {json.dumps(res[name]['losses'])}")
+
+
+def _run_variant(v, args):
+    """Run one variant's child; (its JSON result, None) or (None, why it failed)."""
+    print(f"[{v}] ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", v, "--batch", str(args.batch),
+           "--size", str(args.size), "--reps", str(args.reps)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if v == "flops":
+        env["JAX_PLATFORMS"] = "cpu"
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"[{v}] timed out after {args.timeout:.0f} s", file=sys.stderr, flush=True)
+        return None, f"timed out after {args.timeout:.0f} s"
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode == 0 and lines:
+        print(f"[{v}] {time.perf_counter() - t:.0f} s: {lines[-1][:400]}", file=sys.stderr, flush=True)
+        return json.loads(lines[-1]), None
+    print(f"[{v}] failed (exit {p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr, flush=True)
+    return None, f"exit {p.returncode}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per child")
+    ap.add_argument("--out", default=None, help="folder for results.json (written after every child)")
+    ap.add_argument("--from-json", default=None,
+                    help="report a saved results.json (from a GPU machine); adds the FLOP count here if missing")
+    ap.add_argument("--_child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._child:
+        v = args._child
+        if v == "peak":
+            out = child_peak()
+        elif v == "flops":
+            out = child_flops(args.batch, args.size)
+        elif v.startswith("fvae"):
+            out = child_fvae(args.batch, args.size, args.reps, custom_grad=v == "fvae-custom-grad")
+        else:
+            out = child_torch(args.batch, args.size, args.reps, compile_=v == "torch-compile")
+        print(json.dumps(out), flush=True)
+        return
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            res = json.load(f)
+        if "flops" not in res:
+            res["flops"] = _run_variant("flops", args)[0]
+        _report(res, args.batch, args.size)
+        return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    res = {}
+    for v in variants:
+        out, err = _run_variant(v, args)
+        res[v] = out
+        if err:
+            res.pop(v)
+            res[v + "_error"] = err
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump(res, f, indent=1)
+    _report(res, args.batch, args.size)
+
+
+if __name__ == "__main__":
+    main()
