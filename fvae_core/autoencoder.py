@@ -24,6 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from fvae_core.conv import conv2d
 
@@ -217,9 +218,12 @@ class Conv(nn.Module):
     stride: int = 1
     padding: Any = "SAME_TORCH"  # symmetric k//2 padding as torch's padding=k//2; or explicit pairs
     dtype: Dtype = jnp.float32
+    upsample: bool = False  # nearest 2x upsample of the input first (diffusers Upsample2D)
 
     @nn.compact
     def __call__(self, x):
+        if self.upsample:
+            x = _upsample_nearest2x(x)
         k = self.kernel_size
         cin = x.shape[-1]
         fan_in = cin * k * k
@@ -250,24 +254,43 @@ class Linear(nn.Module):
         return x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
 
 
+def _group_norm_act(x, scale, bias, groups: int, eps: float, act: str | None, dtype):
+    b, h, w, c = x.shape
+    xf = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
+    mean = jnp.mean(xf, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 4), keepdims=True)
+    y = ((xf - mean) * lax.rsqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+    if act is not None:
+        y = _ACTIVATIONS[act](y)
+    return y.astype(dtype)
+
+
 class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm (biased variance, affine), computed in float32, returned in ``dtype``."""
+    """torch.nn.GroupNorm (biased variance, affine), computed in float32, returned in ``dtype``; with
+    ``act``, the activation that follows it (``act(GroupNorm(x))``, applied in float32 before the cast).
+
+    On the backends in :data:`REMAT_BACKENDS` the norm (and activation) is rematerialised
+    (``jax.checkpoint``): its backward recomputes the
+    statistics and the normalised values from ``x``, which is the only thing kept for it. Without that,
+    autodiff keeps the centred input, the normalised values and the activation's sigmoid per norm as
+    well, and the sd decoder's fwd+bwd temp memory was 10.0 GiB at B4, 256^2, fp32 (torch: about 6); the
+    recomputation is elementwise work fused into the backward.
+    """
 
     num_groups: int
     eps: float = 1e-6
+    act: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        b, h, w, c = x.shape
-        g = self.num_groups
+        c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        xf = x.astype(jnp.float32).reshape(b, h, w, g, c // g)
-        mean = jnp.mean(xf, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 4), keepdims=True)
-        y = ((xf - mean) * lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        return (y * scale + bias).astype(self.dtype)
+        fn = _group_norm_act
+        if _remat_here():
+            fn = jax.checkpoint(fn, static_argnums=(3, 4, 5, 6))
+        return fn(x, scale, bias, self.num_groups, self.eps, self.act, self.dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -280,14 +303,40 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        act = _ACTIVATIONS[self.act]
-        h = act(GroupNorm(self.groups, dtype=self.dtype, name="norm1")(x))
-        h = Conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
-        h = act(GroupNorm(self.groups, dtype=self.dtype, name="norm2")(h))
+        h = GroupNorm(self.groups, act=self.act, dtype=self.dtype, name="norm1")(x)
+        h = checkpoint_name(Conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h), _KEEP)
+        h = GroupNorm(self.groups, act=self.act, dtype=self.dtype, name="norm2")(h)
         h = Conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = Conv(self.out_channels, 1, dtype=self.dtype, name="conv_shortcut")(x)
         return x.astype(self.dtype) + h
+
+
+#: Backends on which the decoder and encoder are rematerialised (:class:`GroupNorm`, :func:`_remat`): on
+#: XLA:CPU it cut the sd decoder's fwd+bwd temp memory from 8.2 to 5.5 GiB (B4, 256^2, fp32) at the same
+#: step time; on GPU the step was measured without it (``benchmarks/gpu_step.py``) and memory is not short.
+REMAT_BACKENDS = ("cpu",)
+
+
+def _remat_here() -> bool:
+    return jax.default_backend() in REMAT_BACKENDS
+
+
+#: The one activation a :class:`ResnetBlock` keeps for its backward besides its input (``conv1``'s output).
+_KEEP = "fvae_resnet_keep"
+
+
+def _remat(module_cls, *names):
+    """``module_cls`` rematerialised (same params and names): its backward keeps only its inputs and the
+    values tagged with ``checkpoint_name(., n)`` for ``n`` in ``names``, and recomputes the rest from them.
+
+    In a :class:`ResnetBlock` that is the block input and ``conv1``'s output; the norm+activation outputs
+    (the convs' inputs) are recomputed, elementwise, in the backward. The convs are *not* recomputed: their
+    outputs are not needed by any backward rule (a conv's VJP reads its input and kernel), so the
+    recomputed convs are dead code. With this the sd decoder keeps 2 activations per resnet for its
+    backward where autodiff kept 6 (torch keeps 6 too: the inputs of both norms, both SiLUs and both convs).
+    """
+    return nn.remat(module_cls, policy=jax.checkpoint_policies.save_only_these_names(*names))
 
 
 def _attend(q, k, v, query_chunk: int = 4096):
@@ -339,16 +388,30 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        x = ResnetBlock(c, self.groups, self.act, self.dtype, name="resnets_0")(x)
+        x = _resnet_block(c, self.groups, self.act, self.dtype, name="resnets_0")(x)
         if self.add_attention:
             x = AttentionBlock(self.groups, self.dtype, name="attentions_0")(x)
-        return ResnetBlock(c, self.groups, self.act, self.dtype, name="resnets_1")(x)
+        return _resnet_block(c, self.groups, self.act, self.dtype, name="resnets_1")(x)
 
 
 def _upsample_nearest2x(x):
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
     return x.reshape(b, 2 * h, 2 * w, c)
+
+
+_RematResnetBlock = _remat(ResnetBlock, _KEEP)
+#: diffusers ``Upsample2D`` (nearest 2x, then the conv), rematerialised: it keeps the pre-upsample input
+#: (4x smaller than the conv's input) and redoes the upsample, a copy, in the backward.
+_RematConv = _remat(Conv)
+
+
+def _resnet_block(*args, **kw):
+    return (_RematResnetBlock if _remat_here() else ResnetBlock)(*args, **kw)
+
+
+def _upsample_conv(*args, **kw):
+    return (_RematConv if _remat_here() else Conv)(*args, upsample=True, **kw)
 
 
 class Encoder(nn.Module):
@@ -363,13 +426,13 @@ class Encoder(nn.Module):
         n = len(cfg.block_out_channels)
         for i, ch in enumerate(cfg.block_out_channels):
             for j in range(cfg.layers_per_block):
-                h = ResnetBlock(ch, g, act, dt, name=f"down_blocks_{i}_resnets_{j}")(h)
+                h = _resnet_block(ch, g, act, dt, name=f"down_blocks_{i}_resnets_{j}")(h)
             if i < n - 1:
                 # diffusers Downsample2D(padding=0): pad right/bottom by one, then a stride-2 3x3 conv.
                 h = Conv(ch, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dt,
                          name=f"down_blocks_{i}_downsamplers_0_conv")(h)
         h = MidBlock(g, act, cfg.mid_block_add_attention, dt, name="mid_block")(h)
-        h = jax.nn.silu(GroupNorm(g, dtype=dt, name="conv_norm_out")(h))  # SiLU whatever act_fn (as diffusers)
+        h = GroupNorm(g, act="silu", dtype=dt, name="conv_norm_out")(h)  # SiLU whatever act_fn (as diffusers)
         return Conv(2 * cfg.latent_channels, 3, dtype=dt, name="conv_out")(h)
 
 
@@ -386,10 +449,10 @@ class Decoder(nn.Module):
         h = MidBlock(g, act, cfg.mid_block_add_attention, dt, name="mid_block")(h)
         for i, ch in enumerate(rev):
             for j in range(cfg.layers_per_block + 1):
-                h = ResnetBlock(ch, g, act, dt, name=f"up_blocks_{i}_resnets_{j}")(h)
+                h = _resnet_block(ch, g, act, dt, name=f"up_blocks_{i}_resnets_{j}")(h)
             if i < len(rev) - 1:
-                h = Conv(ch, 3, dtype=dt, name=f"up_blocks_{i}_upsamplers_0_conv")(_upsample_nearest2x(h))
-        h = jax.nn.silu(GroupNorm(g, dtype=dt, name="conv_norm_out")(h))  # SiLU whatever act_fn (as diffusers)
+                h = _upsample_conv(ch, 3, dtype=dt, name=f"up_blocks_{i}_upsamplers_0_conv")(h)
+        h = GroupNorm(g, act="silu", dtype=dt, name="conv_norm_out")(h)  # SiLU whatever act_fn (as diffusers)
         y = Conv(cfg.out_channels, 3, dtype=dt, name="conv_out")(h)
         return (y, h) if return_features else y
 

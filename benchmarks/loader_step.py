@@ -1,0 +1,143 @@
+"""Does the input pipeline ever bound a train step? The step fed by the real loader vs the same step fed
+from batches held in memory (issue 8, goal 2: loader step time <= 1.05x the in-memory step time).
+
+A printed benchmark, not a test. The per-step work is what ``fvae_core.runs.train`` does each step:
+``next(iterator)``, uint8 -> float32 [0, 1], ``jax.device_put``, the jitted step (state donated, compiled
+with :func:`fvae_core.train_steps.jit_step`), then ``jax.device_get`` of the metrics (the loop syncs every
+step). Only the source of the batch differs:
+
+* **loader**: ``make_iterator(train_dataset(...), workers=W)`` on a prepared OpenMoji set (the first
+  ``--svgs`` SVGs rendered at the preset's ``render_size``), the preset's crop, augmentation and batch;
+  W = the preset's ``data.workers`` unless ``--workers`` (0 = grain's 2 read threads in this process, which
+  then compete with XLA's threads for the same cores);
+* **memory**: ``--cache`` batches taken from that same iterator beforehand, cycled.
+
+Rounds alternate (loader K steps, memory K steps, ...); the first steps of each phase are dropped from
+the medians (``--settle``), and the time spent waiting in ``next()`` is reported on its own.
+Default: the ``tiny-cpu-finetune`` preset (batch 8, 64² crops, the committed tiny VAE's shape) from the
+adversarial phase, so the critic is included.
+
+Usage::
+
+    python benchmarks/loader_step.py                       # tiny-cpu-finetune, 3 rounds of 12 steps
+    python benchmarks/loader_step.py --workers 1 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny-cpu-finetune")
+    ap.add_argument("--workers", type=int, default=None, help="loader processes (default: the preset's)")
+    ap.add_argument("--svgs", type=int, default=400, help="OpenMoji SVGs to prepare (default 400)")
+    ap.add_argument("--steps", type=int, default=12, help="steps per phase and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--settle", type=int, default=2, help="steps dropped at the start of each phase")
+    ap.add_argument("--cache", type=int, default=8, help="batches held in memory")
+    args = ap.parse_args(argv)
+
+    import absl.flags
+
+    absl.flags.FLAGS(sys.argv[:1])  # grain's worker processes read absl flags
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from data import _openmoji_limited  # benchmarks/data.py
+    from fvae_core.data.loader import PreparedDataset, make_iterator, train_dataset
+    from fvae_core.data.prepare import PrepareConfig, prepare
+    from fvae_core.lpips import load_lpips
+    from fvae_core.runs.config import preset
+    from fvae_core.runs.train import _init_params
+    from fvae_core.train_steps import Trainer, jit_step, release_host_memory
+
+    cfg = preset(args.preset)
+    workers = cfg.data.workers if args.workers is None else args.workers
+    r = cfg.recipe
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "openmoji"
+        t = time.perf_counter()
+        with _openmoji_limited(args.svgs):
+            prepare(["openmoji"], folder, PrepareConfig(render_size=cfg.data.render_size,
+                                                        min_side=max(1, cfg.data.min_side)),
+                    progress=False, log=lambda *a: None)
+        prep_s = time.perf_counter() - t
+        data = PreparedDataset.open(folder)
+        ds = train_dataset(data, cfg.data.augment(), cfg.batch_size, seed=0, log=lambda *a: None)
+
+        vae_config, params = _init_params(cfg)  # the preset's weights, as fvae train loads them
+        trainer = Trainer(r, vae_config)
+        state = trainer.init_state(params, jax.random.PRNGKey(1), image_size=cfg.data.crop)
+        del params
+        phase = trainer.phase_for_step(r.disc_start)
+        state = state.replace(step=jnp.asarray(r.disc_start, jnp.int32))
+        lp = load_lpips(cfg.lpips_net) if r.lpips_weight else None
+        step = jit_step(trainer.raw_step(phase, cfg.grad_accum), donate_argnums=(0,))
+        holder = {"state": state, "i": 0}
+        del state
+
+        def run(batch):
+            x = jax.device_put(np.asarray(batch["image"], np.float32) / 255.0)
+            rng = jax.random.fold_in(jax.random.PRNGKey(0), holder["i"])
+            holder["state"], m = step(holder["state"], {"image": x}, rng, lp)
+            holder["i"] += 1
+            return {k: float(v) for k, v in jax.device_get(m).items()}
+
+        with make_iterator(ds, workers=workers) as it:
+            t = time.perf_counter()
+            run(next(it))
+            compile_s = time.perf_counter() - t
+            release_host_memory()
+            for _ in range(2):
+                run(next(it))
+            cached = [next(it) for _ in range(args.cache)]
+            times = {"loader": [], "memory": []}
+            waits = []
+            for rnd in range(args.rounds):
+                for source in ("loader", "memory"):
+                    for k in range(args.steps):
+                        t0 = time.perf_counter()
+                        if source == "loader":
+                            b = next(it)
+                            t1 = time.perf_counter()
+                        else:
+                            b = cached[(rnd * args.steps + k) % len(cached)]
+                            t1 = t0
+                        run(b)
+                        t2 = time.perf_counter()
+                        if k >= args.settle:
+                            times[source].append(t2 - t0)
+                            if source == "loader":
+                                waits.append(t1 - t0)
+
+    med = {s: statistics.median(v) for s, v in times.items()}
+    ratio = med["loader"] / med["memory"]
+    b = cfg.batch_size
+    print(f"\n## Loader vs in-memory batches: {args.preset} (init {cfg.init or cfg.model}, batch {b}, {cfg.data.crop}² crops, "
+          f"phase {phase}, {r.compute_dtype})\n")
+    print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; loader workers {workers} "
+          f"(0 = in-process, grain's 2 read threads); OpenMoji first {args.svgs} SVGs prepared at "
+          f"{cfg.data.render_size}² in {prep_s:.1f} s; step compile {compile_s:.1f} s. Medians of "
+          f"{len(times['loader'])} steps per source over {args.rounds} alternating rounds.\n")
+    print("| batches from | step (median) | img/s | of which waiting in next() (median / max) |")
+    print("|---|---|---|---|")
+    print(f"| loader | {1000 * med['loader']:.1f} ms | {b / med['loader']:.1f} | "
+          f"{1000 * statistics.median(waits):.2f} / {1000 * max(waits):.2f} ms |")
+    print(f"| memory | {1000 * med['memory']:.1f} ms | {b / med['memory']:.1f} | — |")
+    print(f"\nloader / memory step time: {ratio:.3f} (goal <= 1.05)")
+    for s in times:
+        print(f"  {s:6s} " + " ".join(f"{1000 * x:.0f}" for x in times[s]) + " ms")
+
+
+if __name__ == "__main__":
+    main()
