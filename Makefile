@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fvae-installed
 
-.PHONY: venv test demo demo-smoke lab notebooks-sync bench bench-data bench-eval tiny clean
+.PHONY: venv test demo demo-smoke lab notebooks-sync bench bench-step bench-loader bench-gpu bench-data bench-eval tiny clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,17 @@ notebooks-sync: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/autoencoder.py
+
+# The full finetune step against the PyTorch step (tiny, sd B1, sd B4; ~1 h on 2 cores), and the loader.
+bench-step: $(STAMP)
+	$(PY) benchmarks/train_step.py
+
+bench-loader: $(STAMP)
+	$(PY) benchmarks/loader_step.py
+
+# On a CUDA machine (jax[cuda] in the venv): bf16, B32, 256², fvae vs torch eager and torch.compile.
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu_step.py --out runs/bench-gpu
 
 # The embedded default run: pretrain the tiny SD-shaped VAE, then finetune it with the card's recipe.
 tiny: $(STAMP)

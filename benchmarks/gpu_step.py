@@ -148,7 +148,8 @@ def child_fvae(batch, size, reps, custom_grad):
     stats = jax.devices()[0].memory_stats() or {}
     m = {k: float(v) for k, v in holder["m"].items()}
     return {"compile_s": compile_s, "first_step_s": first_s, "median_s": med, "times": ts,
-            "pipelined_s": pipelined, "compiled_flops": compiled_flops, "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
+            "pipelined_s": pipelined, "compiled_flops": compiled_flops,
+            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
             "losses": {k: m[k] for k in ("loss/pixel", "loss/lpips", "adaptive_weight", "critic/loss",
                                          "gen/skipped", "critic/skipped")},
             "device": str(jax.devices()[0]), "backend": jax.default_backend()}

@@ -59,7 +59,7 @@ def main(argv=None):
     from fvae_core.lpips import load_lpips
     from fvae_core.runs.config import preset
     from fvae_core.runs.train import _init_params
-    from fvae_core.train_steps import Trainer, jit_step, release_host_memory
+    from fvae_core.train_steps import Trainer, activation_elements, jit_step, release_host_memory
 
     cfg = preset(args.preset)
     workers = cfg.data.workers if args.workers is None else args.workers
@@ -82,7 +82,8 @@ def main(argv=None):
         phase = trainer.phase_for_step(r.disc_start)
         state = state.replace(step=jnp.asarray(r.disc_start, jnp.int32))
         lp = load_lpips(cfg.lpips_net) if r.lpips_weight else None
-        step = jit_step(trainer.raw_step(phase, cfg.grad_accum), donate_argnums=(0,))
+        size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)  # as fvae_core.runs.train
+        step = jit_step(trainer.raw_step(phase, cfg.grad_accum), size, donate_argnums=(0,))
         holder = {"state": state, "i": 0}
         del state
 
@@ -123,7 +124,8 @@ def main(argv=None):
     med = {s: statistics.median(v) for s, v in times.items()}
     ratio = med["loader"] / med["memory"]
     b = cfg.batch_size
-    print(f"\n## Loader vs in-memory batches: {args.preset} (init {cfg.init or cfg.model}, batch {b}, {cfg.data.crop}² crops, "
+    print(f"\n## Loader vs in-memory batches: {args.preset} (init {cfg.init or cfg.model}, batch {b}, "
+          f"{cfg.data.crop}² crops, "
           f"phase {phase}, {r.compute_dtype})\n")
     print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; loader workers {workers} "
           f"(0 = in-process, grain's 2 read threads); OpenMoji first {args.svgs} SVGs prepared at "

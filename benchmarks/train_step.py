@@ -400,7 +400,7 @@ def _fvae_setup(spec, params):
     import jax.numpy as jnp
 
     from fvae_core.lpips import load_lpips
-    from fvae_core.train_steps import jit_step, release_host_memory
+    from fvae_core.train_steps import activation_elements, jit_step, release_host_memory
 
     trainer = _fvae_trainer(spec)
     lp = load_lpips(spec["lpips_net"])
@@ -410,7 +410,8 @@ def _fvae_setup(spec, params):
     batch = {"image": jnp.asarray(_images(spec))}
     rng = jax.random.PRNGKey(2)
     t = time.perf_counter()
-    step_c = jit_step(trainer.raw_step("adversarial"), donate_argnums=(0,)).lower(state, batch, rng, lp).compile()
+    size = activation_elements(trainer.vae_config, spec["batch"], spec["size"])  # as fvae_core.runs.train
+    step_c = jit_step(trainer.raw_step("adversarial"), size, donate_argnums=(0,)).lower(state, batch, rng, lp).compile()
     compile_s = time.perf_counter() - t
     release_host_memory()  # as fvae_core.runs.train does after a step compiled
     return trainer, lp, state, batch, rng, step_c, compile_s
@@ -448,7 +449,7 @@ def _fvae_parts(trainer, lp, state, batch, current_state):
 
     from fvae_core.conventions import to_model_range
     from fvae_core.lpips import lpips_distance
-    from fvae_core.train_steps import TrainState, _critic_update, jit_step
+    from fvae_core.train_steps import TrainState, _critic_update, activation_elements, jit_step
 
     model, r = trainer.model, trainer.recipe
     x01 = batch["image"]
@@ -475,7 +476,8 @@ def _fvae_parts(trainer, lp, state, batch, current_state):
                                    ("lpips", lpips_vg, (lp, y, xm), ()),
                                    ("critic", critic, (cstate, xm, y, rng), (0,))):
         t = time.perf_counter()
-        c = jit_step(fn, donate_argnums=donate).lower(*args).compile()
+        c = jit_step(fn, activation_elements(trainer.vae_config, *x01.shape[:2]),
+                     donate_argnums=donate).lower(*args).compile()
         comp[name] = time.perf_counter() - t
         flops[name] = _flops(c)
         fns[name] = (c, args)

@@ -267,7 +267,7 @@ class Trainer:
             post = model.apply({"params": vae_params}, to_model_range(x01), method=model.encode)
             return from_model_range(model.apply({"params": vae_params}, post.mode(), method=model.decode))
 
-        return _cached_jit((self, "eval"), recon)
+        return _cached_jit((self, "eval"), recon, step=False)
 
 
 def _last_layer_grad(h: jax.Array, kernel: jax.Array, cotangent: jax.Array) -> jax.Array:
@@ -287,27 +287,43 @@ def _kl_term(post, image_shape) -> jax.Array:
     return post.kl() / (h * w * c)
 
 
-#: XLA options the train steps are compiled with. XLA:CPU's default scheduler orders the step's ops for
-#: concurrency at the cost of memory; the memory-optimised one cut the sd-vae-ft-mse step's temp buffers
-#: from 9.8 to 7.7 GiB at B4, 256^2, fp32, with the same step time (measured, jax 0.10, 2-core EPYC;
-#: ``benchmarks/RESULTS.md``). The option is ignored by other backends.
+#: XLA options for large train steps. XLA:CPU's default scheduler orders the step's ops for concurrency at
+#: the cost of memory; the memory-optimised one cut the sd-vae-ft-mse step's temp buffers from 9.8 to
+#: 7.7 GiB at B4, 256^2, fp32 at the same step time, but made the tiny-cpu step (B8, 64^2, 32 channels)
+#: 8% slower, where memory is no concern (measured, jax 0.10, 2-core EPYC; ``benchmarks/RESULTS.md``).
+#: The option is ignored by other backends.
 STEP_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+#: Steps whose decoder output layer holds fewer activation elements than this (micro-batch x crop^2 x
+#: ``block_out_channels[0]``; tiny-cpu 1M, sd-vae-ft-mse at B1 256^2 8.4M) keep XLA's default scheduler.
+MEMORY_SCHEDULER_MIN_ELEMENTS = 1 << 22
 
 
 @functools.lru_cache(maxsize=None)
-def step_compiler_options() -> dict:
-    """:data:`STEP_COMPILER_OPTIONS`, or ``{}`` where the installed XLA does not know them (checked once on
-    a trivial function, so that another jaxlib never fails a run over a memory option)."""
+def _options_known() -> bool:
     try:
         jax.jit(lambda x: x + 1, compiler_options=STEP_COMPILER_OPTIONS).lower(1.0).compile()
-        return dict(STEP_COMPILER_OPTIONS)
+        return True
     except Exception:  # noqa: BLE001 -- any refusal means: compile without them
+        return False
+
+
+def step_compiler_options(activation_elements: int | None = None) -> dict:
+    """:data:`STEP_COMPILER_OPTIONS` for a step of that size (None: assume large), or ``{}`` for a small
+    step or where the installed XLA does not know them (checked once on a trivial function, so that
+    another jaxlib never fails a run over a memory option)."""
+    if activation_elements is not None and activation_elements < MEMORY_SCHEDULER_MIN_ELEMENTS:
         return {}
+    return dict(STEP_COMPILER_OPTIONS) if _options_known() else {}
 
 
-def jit_step(fn, **jit_kw):
+def activation_elements(vae_config: VAEConfig, micro_batch: int, crop: int) -> int:
+    """The size measure of :data:`MEMORY_SCHEDULER_MIN_ELEMENTS`."""
+    return micro_batch * crop * crop * vae_config.block_out_channels[0]
+
+
+def jit_step(fn, activation_elements: int | None = None, **jit_kw):
     """``jax.jit`` with :func:`step_compiler_options`: how every train step is compiled."""
-    return jax.jit(fn, compiler_options=step_compiler_options(), **jit_kw)
+    return jax.jit(fn, compiler_options=step_compiler_options(activation_elements), **jit_kw)
 
 
 def release_host_memory() -> None:
@@ -328,11 +344,13 @@ def release_host_memory() -> None:
 _JIT_CACHE: dict = {}
 
 
-def _cached_jit(key, fn, **jit_kw):
+def _cached_jit(key, fn, step: bool = True, **jit_kw):
     """One jitted function per (trainer, entry point): Trainer is hashable, so repeated calls to
-    ``step_fn``/``critic_step_fn``/``eval_fn`` reuse the compiled step instead of re-tracing."""
+    ``step_fn``/``critic_step_fn``/``eval_fn`` reuse the compiled step instead of re-tracing. Train steps
+    (``step``) get :func:`jit_step`'s compiler options; ``eval_fn`` is a plain ``jax.jit`` (callers nest it
+    in their own jit, where compiler options are not allowed)."""
     if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = jit_step(fn, **jit_kw)
+        _JIT_CACHE[key] = jit_step(fn, **jit_kw) if step else jax.jit(fn, **jit_kw)
     return _JIT_CACHE[key]
 
 

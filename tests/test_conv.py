@@ -111,3 +111,14 @@ def test_auto_path_at_dispatch_size_matches_xla():
         dx, dk = _grads(conv2d, x, k, w)
         rdx, rdk = _grads(_ref, x, k, w)
         assert _rel(dx, rdx) < 1e-5 and _rel(dk, rdk) < 2e-5
+
+
+def test_auto_dispatch_is_xla_on_backends_not_listed(monkeypatch):
+    """Only XLA:CPU gets the custom gradient by default (on GPU it measured 1.32x slower than cuDNN's)."""
+    import fvae_core.conv as C
+
+    big = (jax.ShapeDtypeStruct((1, 128, 128, 128), jnp.float32),
+           jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32))
+    monkeypatch.setattr(C, "CUSTOM_GRAD_BACKENDS", ())
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda x, k: conv2d(x, k))(*big))
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda x, k: conv2d(x, k, custom_grad=True))(*big))

@@ -242,7 +242,8 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
     from fvae_core.lpips import load_lpips
     from fvae_core.runs.checkpoint import Checkpoints
     from fvae_core.runs.log import RunLog, environment_record
-    from fvae_core.train_steps import Trainer, jit_step, merge_params, release_host_memory
+    from fvae_core.train_steps import (Trainer, activation_elements, jit_step, merge_params,
+                                       release_host_memory)
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -288,7 +289,8 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
 
     def step_for(phase):
         if phase not in steps:
-            steps[phase] = jit_step(trainer.raw_step(phase, cfg.grad_accum), donate_argnums=(0,),
+            size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)
+            steps[phase] = jit_step(trainer.raw_step(phase, cfg.grad_accum), size, donate_argnums=(0,),
                                     in_shardings=(state_sh, {"image": batch_sh}, repl, repl),
                                     out_shardings=(state_sh, repl))
         return steps[phase]
