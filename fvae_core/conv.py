@@ -108,8 +108,9 @@ def _normalize_padding(padding, kernel_shape) -> list[tuple[int, int]]:
 #: 128-512 channels the two are within 10%, and including those convs made the sd decoder 8% slower.
 MIN_CHANNELS = 128
 MIN_PIXELS = 128 * 128
-#: Backends on which ``custom_grad=None`` may pick the custom gradient. Only XLA:CPU was measured slow; on
-#: GPU XLA's own conv gradients are cuDNN kernels (compared in ``benchmarks/gpu_step.py``).
+#: Backends on which ``custom_grad=None`` may pick the custom gradient. Only XLA:CPU's conv backward is slow;
+#: on GPU XLA's own conv gradients are cuDNN kernels, and forcing the custom one made the sd-vae-ft-mse step
+#: 1.32x slower (H200, bf16, B32; ``benchmarks/gpu_step.py``, ``benchmarks/RESULTS.md``).
 CUSTOM_GRAD_BACKENDS = ("cpu",)
 
 
