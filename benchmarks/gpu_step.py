@@ -63,6 +63,22 @@ def _median_time(fn, n):
     return statistics.median(ts), ts
 
 
+def _time_steps(step, wait, reps):
+    """First call (compile or warm-up), then the median of ``reps`` synced steps, then the time per step of
+    ``reps`` steps dispatched back to back and waited for once. ``step(sync)`` runs one; ``wait()`` waits
+    for the device."""
+    t = time.perf_counter()
+    step(True)
+    first_s = time.perf_counter() - t
+    step(True)
+    med, ts = _median_time(lambda: step(True), reps)
+    t = time.perf_counter()
+    for _ in range(reps):
+        step(False)
+    wait()
+    return {"first_step_s": first_s, "median_s": med, "times": ts, "pipelined_s": (time.perf_counter() - t) / reps}
+
+
 def child_peak():
     import jax
     import jax.numpy as jnp
@@ -129,26 +145,19 @@ def child_fvae(batch, size, reps, custom_grad):
     holder = {"state": state, "i": 0, "m": None}
     del state
 
-    def step(sync=True):
+    def wait():
+        jax.block_until_ready((holder["state"], holder["m"]))
+
+    def step(sync):
         holder["state"], holder["m"] = step_c(holder["state"], batch_, jax.random.fold_in(rng, holder["i"]), lp)
         holder["i"] += 1
         if sync:
-            jax.block_until_ready((holder["state"], holder["m"]))
+            wait()
 
-    t = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - t
-    step()
-    med, ts = _median_time(step, reps)
-    t = time.perf_counter()
-    for _ in range(reps):
-        step(sync=False)
-    jax.block_until_ready((holder["state"], holder["m"]))
-    pipelined = (time.perf_counter() - t) / reps
+    timing = _time_steps(step, wait, reps)
     stats = jax.devices()[0].memory_stats() or {}
     m = {k: float(v) for k, v in holder["m"].items()}
-    return {"compile_s": compile_s, "first_step_s": first_s, "median_s": med, "times": ts,
-            "pipelined_s": pipelined, "compiled_flops": compiled_flops,
+    return {**timing, "compile_s": compile_s, "compiled_flops": compiled_flops,
             "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
             "losses": {k: m[k] for k in ("loss/pixel", "loss/lpips", "adaptive_weight", "critic/loss",
                                          "gen/skipped", "critic/skipped")},
@@ -179,24 +188,15 @@ def child_torch(batch, size, reps, compile_):
         tstep.lpips.features = torch.compile(tstep.lpips.features)
     metrics = {}
 
-    def step(do_sync=True):
+    def step(do_sync):
         metrics.update(tstep.step(x01))
         if do_sync:
             sync()
 
-    t = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - t
-    step()
-    med, ts = _median_time(step, reps)
-    t = time.perf_counter()
-    for _ in range(reps):
-        step(do_sync=False)
-    sync()
-    pipelined = (time.perf_counter() - t) / reps
+    timing = _time_steps(step, sync, reps)
     peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else 0.0
-    return {"compile_s": first_s if compile_ else 0.0, "first_step_s": first_s, "median_s": med, "times": ts,
-            "pipelined_s": pipelined, "flops": flops, "peak_mem_gb": peak, "losses": metrics,
+    return {**timing, "compile_s": timing["first_step_s"] if compile_ else 0.0,
+            "flops": flops, "peak_mem_gb": peak, "losses": metrics,
             "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
 
 
