@@ -14,6 +14,13 @@ def rss_now() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_child(script: str, args, timeout: float) -> dict:
     """Run ``python script *args``; return the last JSON line it printed, or exit with its stderr tail."""
     cmd = [sys.executable, os.path.abspath(script), *args]

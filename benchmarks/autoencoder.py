@@ -26,12 +26,11 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 
-from _child import ms, rss_now, run_child  # benchmarks/_child.py (this folder is on sys.path)
+from _child import ms, peak_rss_mb, rss_now, run_child  # benchmarks/_child.py (this folder is on sys.path)
 
 #: name -> (preset, batch, image size).
 CASES = {
@@ -187,31 +186,19 @@ def _child_rss(name, framework):
         from fvae_core.autoencoder import init_params
 
         params = init_params(cfg)  # values do not change memory; keeps torch out of this process
-        rss_setup = _rss_now()
+        rss_setup = rss_now()
         fwd, fwd_bwd, _ = _fvae_fns(cfg, params, z)
     else:
         model = _torch_model(cfg)
-        rss_setup = _rss_now()
+        rss_setup = rss_now()
         fwd, fwd_bwd = _torch_fns(model, z)
     fwd()
     fwd_bwd()
     fwd_bwd()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_rss_mb": peak_kb / 1024, "setup_rss_mb": rss_setup}
-
-
-def _rss_now():
-    return rss_now()
-
-
-def _run_child(args, timeout):
-    return run_child(__file__, args, timeout)
+    return {"peak_rss_mb": peak_rss_mb(), "setup_rss_mb": rss_setup}
 
 
 # ---- report ---------------------------------------------------------------------------------------------
-_ms = ms
-
-
 def _row(label, measure, f, t, ratio):
     return f"| {label} | {measure} | {f} | {t} | {ratio:.2f} |"
 
@@ -253,12 +240,13 @@ def main(argv=None):
         reps = 2 if args.quick else (args.reps or DEFAULT_REPS[name])
         print(f"[{name}] timing, {reps} reps per measure ...", file=sys.stderr, flush=True)
         extra = ["--xla-conv-grad"] if args.xla_conv_grad else []
-        res = _run_child(["--_child", "time", "--configs", name, "--reps", str(reps), *extra], timeout=1800)
+        res = run_child(__file__, ["--_child", "time", "--configs", name, "--reps", str(reps), *extra], timeout=1800)
         res["reps"] = reps
         if not args.no_rss:
             for fw in ("fvae", "torch"):
                 print(f"[{name}] peak RSS, {fw} alone ...", file=sys.stderr, flush=True)
-                res[f"rss_{fw}"] = _run_child(["--_child", f"rss-{fw}", "--configs", name, *extra], timeout=1800)
+                res[f"rss_{fw}"] = run_child(__file__, ["--_child", f"rss-{fw}", "--configs", name, *extra],
+                                             timeout=1800)
         results[name] = res
     total = time.perf_counter() - t0
 
@@ -277,7 +265,7 @@ def main(argv=None):
         for measure, title in (("fwd", "decoder fwd"), ("fwd_bwd", "decoder fwd+bwd")):
             f = statistics.median(res["times"]["fvae"][measure])
             t = statistics.median(res["times"]["torch"][measure])
-            print(_row(label, f"{title} (median of {res['reps']})", _ms(f), _ms(t), f / t))
+            print(_row(label, f"{title} (median of {res['reps']})", ms(f), ms(t), f / t))
             label = ""
         c = res["compile_s"]
         print(f"| | fvae compile (fwd / fwd+bwd) | {c['fwd']:.1f} s / {c['fwd_bwd']:.1f} s | — | |")

@@ -60,12 +60,11 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 
-from _child import ms, rss_now, run_child  # benchmarks/_child.py (this folder is on sys.path)
+from _child import ms, peak_rss_mb, rss_now, run_child  # benchmarks/_child.py (this folder is on sys.path)
 
 #: name -> (run preset, VAE architecture preset, batch, crop).
 CASES = {
@@ -662,33 +661,21 @@ def _child_rss(spec, framework):
         params = init_params(_fvae_trainer(spec).vae_config)
         _, lp, state, batch, rng, step_c, _ = _fvae_setup(spec, params)
         del params
-        rss_setup = _rss_now()
+        rss_setup = rss_now()
         for i in range(2):
             state, m = step_c(state, batch, jax.random.fold_in(rng, i), lp)
             jax.block_until_ready((state, m))
     else:
         tstep = TorchStep(spec)
         x01 = _to_torch(_images(spec))
-        rss_setup = _rss_now()
+        rss_setup = rss_now()
         for _ in range(2):
             tstep.step(x01)
         assert "jax" not in sys.modules, "the torch RSS child must not import jax"
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_rss_mb": peak_kb / 1024, "setup_rss_mb": rss_setup}
-
-
-def _rss_now():
-    return rss_now()
-
-
-def _run_child(args, timeout):
-    return run_child(__file__, args, timeout)
+    return {"peak_rss_mb": peak_rss_mb(), "setup_rss_mb": rss_setup}
 
 
 # ---- report -------------------------------------------------------------------------------------------
-_ms = ms
-
-
 def _gf(x):
     return f"{x / 1e9:.0f} GFLOP" if x < 1e12 else f"{x / 1e12:.2f} TFLOP"
 
@@ -716,7 +703,7 @@ def _report(results, peak, args, total):
                  f"critic ndf {spec['critic_ndf']}, fvae {spec['fvae_dtype']}")
         med = {fw: {m: statistics.median(v) for m, v in res["times"][fw].items()} for fw in ("fvae", "torch")}
         f, t = med["fvae"]["step"], med["torch"]["step"]
-        print(_row(label, f"full step (median of {res['reps']})", _ms(f), _ms(t), f / t))
+        print(_row(label, f"full step (median of {res['reps']})", ms(f), ms(t), f / t))
         b = spec["batch"]
         print(_row("", "img/s", f"{b / f:.2f}", f"{b / t:.2f}", (b / f) / (b / t)))
         if len(med["fvae"]) > 1:
@@ -725,7 +712,7 @@ def _report(results, peak, args, total):
                 med[fw]["generator"] = med[fw]["step"] - med[fw]["critic"]
             for m in ("generator", *PARTS, "rest"):
                 fm, tm = med["fvae"][m], med["torch"][m]
-                print(_row("", f"  part: {PART_TITLES[m]}", _ms(fm), _ms(tm), fm / tm if tm > 0 else "—"))
+                print(_row("", f"  part: {PART_TITLES[m]}", ms(fm), ms(tm), fm / tm if tm > 0 else "—"))
         print(_row("", "fvae compile (full step)", f"{res['compile_s']:.1f} s", "—"))
         if res["part_compile_s"]:
             pc = res["part_compile_s"]
@@ -826,7 +813,7 @@ def main(argv=None):
     peak = None
     if not args.no_peak:
         print("matmul peak ...", file=sys.stderr, flush=True)
-        peak = _run_child(["--_child", "peak"], timeout=600)
+        peak = run_child(__file__, ["--_child", "peak"], timeout=600)
     results = {}
     for name in names:
         spec = _spec(name, args.lpips, args.fvae_bf16)
@@ -835,12 +822,12 @@ def main(argv=None):
         print(f"[{name}] timing, {reps} reps per measure ...", file=sys.stderr, flush=True)
         extra = [f for f, on in (("--no-breakdown", args.no_breakdown), ("--no-torch-flops", args.no_torch_flops))
                  if on]
-        res = _run_child(["--_child", "time", "--_spec", sj, "--reps", str(reps), *extra], timeout=3600)
+        res = run_child(__file__, ["--_child", "time", "--_spec", sj, "--reps", str(reps), *extra], timeout=3600)
         res["reps"], res["spec"] = reps, spec
         if not args.no_rss:
             for fw in ("fvae", "torch"):
                 print(f"[{name}] peak RSS, {fw} alone ...", file=sys.stderr, flush=True)
-                res[f"rss_{fw}"] = _run_child(["--_child", f"rss-{fw}", "--_spec", sj], timeout=3600)
+                res[f"rss_{fw}"] = run_child(__file__, ["--_child", f"rss-{fw}", "--_spec", sj], timeout=3600)
         results[name] = res
     _report(results, peak, args, time.perf_counter() - t0)
 
