@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from fvae_core.conv import conv2d
+from fvae_core.conv import conv2d, upsample_conv2d
 
 Dtype = Any
 
@@ -222,14 +222,16 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if self.upsample:
-            x = _upsample_nearest2x(x)
         k = self.kernel_size
         cin = x.shape[-1]
         fan_in = cin * k * k
         init = _torch_uniform(None)
         kernel = self.param("kernel", lambda r, s: init(r, s, fan_in=fan_in), (k, k, cin, self.features))
         bias = self.param("bias", lambda r, s: init(r, s, fan_in=fan_in), (self.features,))
+        if self.upsample and _subpixel_applies(k, self.stride, self.padding):
+            return upsample_conv2d(x, kernel, self.dtype) + bias.astype(self.dtype)
+        if self.upsample:
+            x = _upsample_nearest2x(x)
         pad = [(k // 2, k // 2)] * 2 if self.padding == "SAME_TORCH" else self.padding
         if k == 1 and self.stride == 1:
             y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
@@ -402,9 +404,23 @@ def _upsample_nearest2x(x):
     return x.reshape(b, 2 * h, 2 * w, c)
 
 
+#: Backends on which diffusers' ``Upsample2D`` (nearest 2x, then a 3x3 conv) is computed as four 2x2 convs at
+#: the input's resolution (:func:`fvae_core.conv.upsample_conv2d`): 4/9 of the FLOPs, and the upsampled
+#: input is never built. The sd decoder's upsample convs are 28% of its forward FLOPs; on XLA:CPU their
+#: fwd+bwd went from 890 to 419 ms (512 ch, 64^2 -> 128^2) and from 1072 to 456 ms (256 ch, 128^2 -> 256^2).
+#: Not yet measured on GPU, where the step was timed with the upsample-then-conv form (``benchmarks/RESULTS.md``).
+SUBPIXEL_BACKENDS = ("cpu",)
+
+
+def _subpixel_applies(kernel_size: int, stride: int, padding) -> bool:
+    return (kernel_size == 3 and stride == 1 and padding == "SAME_TORCH"
+            and jax.default_backend() in SUBPIXEL_BACKENDS)
+
+
 _RematResnetBlock = _remat(ResnetBlock, _KEEP)
-#: diffusers ``Upsample2D`` (nearest 2x, then the conv), rematerialised: it keeps the pre-upsample input
-#: (4x smaller than the conv's input) and redoes the upsample, a copy, in the backward.
+#: diffusers ``Upsample2D`` in its upsample-then-conv form, rematerialised: it keeps the pre-upsample input
+#: (4x smaller than the conv's input) and redoes the upsample, a copy, in the backward. (The sub-pixel form
+#: keeps only that input anyway.)
 _RematConv = _remat(Conv)
 
 
@@ -413,7 +429,8 @@ def _resnet_block(*args, **kw):
 
 
 def _upsample_conv(*args, **kw):
-    return (_RematConv if _remat_here() else Conv)(*args, upsample=True, **kw)
+    remat = _remat_here() and not _subpixel_applies(3, 1, "SAME_TORCH")
+    return (_RematConv if remat else Conv)(*args, upsample=True, **kw)
 
 
 class Encoder(nn.Module):

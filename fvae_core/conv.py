@@ -23,6 +23,7 @@ Everything else (strides, explicit or asymmetric padding, 1x1 or even kernels, m
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -32,17 +33,56 @@ from jax import lax
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _same_pad(kernel_shape) -> list[tuple[int, int]]:
+def _same_pad(kernel_shape) -> tuple[tuple[int, int], tuple[int, int]]:
     kh, kw = kernel_shape[:2]
-    return [(kh // 2, kh // 2), (kw // 2, kw // 2)]
+    return ((kh // 2, kh // 2), (kw // 2, kw // 2))
 
 
 def _conv(x, kernel, pad):
-    return lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=_DN)
+    return lax.conv_general_dilated(x, kernel, (1, 1), [tuple(p) for p in pad], dimension_numbers=_DN)
 
 
-def _grad_kernel(x, dy, kh: int, kw: int):
-    """dL/dkernel of a stride-1 "same" conv, [kh, kw, C_in, C_out], accumulated in float32.
+def _keeps_size(kernel_shape, pad) -> bool:
+    """A stride-1 conv with this padding has the input's spatial size (``lo + hi = k - 1`` per axis)."""
+    return all(lo >= 0 and hi >= 0 and lo + hi == k - 1 for (lo, hi), k in zip(pad, kernel_shape[:2]))
+
+
+#: A conv whose ``kh * kw * C_out`` is at most this gets its kernel gradient from one matmul against shifted
+#: copies of ``dy`` (:func:`_grad_kernel_narrow`) instead of the per-tap loop: for the decoder's ``conv_out``
+#: (128 -> 3 at 256^2) 9 ms instead of 48 ms (loop) or 164 ms (XLA's own), B1; 45 / 223 / 181 ms at B4.
+NARROW_COLUMNS = 64
+
+
+def grad_kernel(x, dy, kh: int, kw: int, pad=None):
+    """dL/dkernel, ``[kh, kw, C_in, C_out]`` accumulated in float32, of a stride-1 conv of NHWC ``x`` that
+    keeps its size (``pad``: two ``(lo, hi)`` pairs with ``lo + hi = k - 1``; default torch's symmetric
+    ``k // 2`` for odd kernels), for the output cotangent ``dy``."""
+    pad = _same_pad((kh, kw)) if pad is None else tuple(tuple(p) for p in pad)
+    if not _keeps_size((kh, kw), pad):
+        raise ValueError(f"grad_kernel: padding {pad} does not keep the size for a {kh}x{kw} kernel")
+    if kh * kw * dy.shape[-1] <= NARROW_COLUMNS:
+        return _grad_kernel_narrow(x, dy, kh, kw, pad)
+    return _grad_kernel(x, dy, kh, kw, pad)
+
+
+def _grad_kernel_narrow(x, dy, kh: int, kw: int, pad):
+    """:func:`grad_kernel` for a narrow output: with ``xpad`` = x padded by ``(pt, pl)`` at the top-left,
+    ``dk[i, j] = sum_p xpad[p + (i, j)]^T dy[p] = sum_q x[q]^T dy[q + (pt - i, pl - j)]`` (dy zero outside
+    the image), so the ``kh kw`` shifted copies of the few channels of dy are stacked into
+    ``[B H W, kh kw C_out]`` and x is read once by a single matmul."""
+    b, h, w, cin = x.shape
+    cout = dy.shape[-1]
+    (pt, _), (pl, _) = pad
+    dyp = jnp.pad(dy, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+    cols = jnp.concatenate([dyp[:, kh - 1 + pt - i: kh - 1 + pt - i + h, kw - 1 + pl - j: kw - 1 + pl - j + w]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+    g = lax.dot_general(x.reshape(-1, cin), cols.reshape(-1, kh * kw * cout), (((0,), (0,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    return jnp.transpose(g.reshape(cin, kh, kw, cout), (1, 2, 0, 3))
+
+
+def _grad_kernel(x, dy, kh: int, kw: int, pad):
+    """dL/dkernel of a size-keeping stride-1 conv, [kh, kw, C_in, C_out], accumulated in float32.
 
     Pad x by the conv padding (plus one extra bottom row so that every tap window stays in bounds) and pad
     dy on the right by ``kw - 1`` zero columns; then rows of both have width ``W + kw - 1`` and tap (i, j)
@@ -53,11 +93,11 @@ def _grad_kernel(x, dy, kh: int, kw: int):
     """
     b, h, w, cin = x.shape
     cout = dy.shape[-1]
-    ph, pw = kh // 2, kw // 2
-    wp = w + 2 * pw
+    (pt, pb), (pl, pr) = pad
+    wp = w + kw - 1
     n = h * wp
-    xp = jnp.pad(x, ((0, 0), (ph, ph + 1), (pw, pw), (0, 0))).reshape(b, -1, cin)
-    dy_t = jnp.transpose(jnp.pad(dy, ((0, 0), (0, 0), (0, 2 * pw), (0, 0))).reshape(b, n, cout), (2, 0, 1))
+    xp = jnp.pad(x, ((0, 0), (pt, pb + 1), (pl, pr), (0, 0))).reshape(b, -1, cin)
+    dy_t = jnp.transpose(jnp.pad(dy, ((0, 0), (0, 0), (0, kw - 1), (0, 0))).reshape(b, n, cout), (2, 0, 1))
 
     def tap(t, acc):
         off = (t // kw) * wp + t % kw
@@ -69,34 +109,67 @@ def _grad_kernel(x, dy, kh: int, kw: int):
     return jnp.transpose(taps.reshape(kh, kw, cout, cin), (0, 1, 3, 2))
 
 
-@jax.custom_vjp
-def _conv_same(x, kernel):
-    return _conv(x, kernel, _same_pad(kernel.shape))
+def transposed_kernel(kernel):
+    """The kernel of a stride-1 conv's input gradient: flipped spatially, in/out swapped,
+    ``[kh, kw, C_out, C_in]`` (works on numpy and jax arrays). With padding ``(lo, hi)`` per axis for the
+    conv, its input gradient is the conv of ``dy`` with this kernel and padding ``(hi, lo)``."""
+    return kernel[::-1, ::-1].swapaxes(2, 3)
 
 
-def _conv_same_fwd(x, kernel):
-    return _conv_same(x, kernel), (x, kernel)
+def _mirror(pad):
+    return tuple((hi, lo) for lo, hi in pad)
 
 
-def _conv_same_bwd(res, dy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_keep_size(x, kernel, pad):
+    return _conv(x, kernel, pad)
+
+
+def _conv_keep_size_fwd(x, kernel, pad):
+    return _conv(x, kernel, pad), (x, kernel)
+
+
+def _conv_keep_size_bwd(pad, res, dy):
     x, kernel = res
     kh, kw = kernel.shape[:2]
     dy = dy.astype(x.dtype)
-    kernel_t = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # [kh, kw, C_out, C_in]
-    dx = _conv(dy, kernel_t, _same_pad(kernel.shape))
-    dk = _grad_kernel(x, dy, kh, kw).astype(kernel.dtype)
+    dx = _conv(dy, transposed_kernel(kernel), _mirror(pad))
+    dk = grad_kernel(x, dy, kh, kw, pad).astype(kernel.dtype)
     return dx, dk
 
 
-_conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+_conv_keep_size.defvjp(_conv_keep_size_fwd, _conv_keep_size_bwd)
 
 
-def _normalize_padding(padding, kernel_shape) -> list[tuple[int, int]]:
+@jax.custom_vjp
+def frozen_conv(x, kernel, kernel_t):
+    """Stride-1 "same" conv (odd kernel, ``k // 2`` padding) of NHWC ``x`` with a *frozen* HWIO ``kernel``,
+    differentiable w.r.t. ``x`` only (the kernels get zero cotangents). ``kernel_t`` must be
+    :func:`transposed_kernel` of ``kernel``, computed once by the caller: the input gradient is the forward
+    conv of ``dy`` with it, which is what XLA computes too, minus the per-step relayout of the kernel that
+    XLA:CPU would otherwise run every step (its transpose emitter took 10-19 ms per 3x3x512x512 kernel,
+    100 ms per tiny-cpu step for LPIPS-VGG16's backward). Used by :mod:`fvae_core.lpips`."""
+    return _conv(x, kernel, _same_pad(kernel.shape))
+
+
+def _frozen_conv_fwd(x, kernel, kernel_t):
+    return frozen_conv(x, kernel, kernel_t), (kernel, kernel_t)
+
+
+def _frozen_conv_bwd(res, dy):
+    kernel, kernel_t = res
+    return _conv(dy, kernel_t, _same_pad(kernel.shape)), None, None
+
+
+frozen_conv.defvjp(_frozen_conv_fwd, _frozen_conv_bwd)
+
+
+def _normalize_padding(padding, kernel_shape) -> tuple[tuple[int, int], ...]:
     if isinstance(padding, str):
         if padding.upper() == "SAME_TORCH":
             return _same_pad(kernel_shape)
         raise ValueError(f"unsupported padding {padding!r}; use 'SAME_TORCH' or explicit (lo, hi) pairs")
-    pad = [tuple(int(v) for v in p) for p in padding]
+    pad = tuple(tuple(int(v) for v in p) for p in padding)
     if len(pad) != 2 or any(len(p) != 2 for p in pad):
         raise ValueError(f"padding must be two (lo, hi) pairs, got {padding!r}")
     return pad
@@ -120,19 +193,60 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
 
     ``padding`` is ``"SAME_TORCH"`` (symmetric ``k // 2`` on each side, torch's ``padding=k//2``) or two
     explicit ``(lo, hi)`` pairs. ``custom_grad``: ``None`` picks the custom-gradient path where it was
-    measured faster (a backend in :data:`CUSTOM_GRAD_BACKENDS`, stride 1, odd kernel, symmetric ``k // 2``
-    padding, same dtypes, input channels >= :data:`MIN_CHANNELS` and H*W >= :data:`MIN_PIXELS`); ``True``
+    measured faster (a backend in :data:`CUSTOM_GRAD_BACKENDS`, stride 1, a padding that keeps the size,
+    same dtypes, and either input channels >= :data:`MIN_CHANNELS` and H*W >= :data:`MIN_PIXELS`,
+    or a narrow output, ``kh * kw * C_out <= NARROW_COLUMNS``); ``True``
     uses it wherever it applies (tests); ``False`` never does. Where it does not apply this is plain
     ``lax.conv_general_dilated``.
     """
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
     pad = _normalize_padding(padding, kernel.shape)
     kh, kw, cin, cout = kernel.shape
-    applies = (strides == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and pad == _same_pad(kernel.shape)
+    applies = (strides == (1, 1) and _keeps_size(kernel.shape, pad)
                and x.dtype == kernel.dtype and x.ndim == 4 and (kh, kw) != (1, 1))
     if custom_grad is None:
         custom_grad = (jax.default_backend() in CUSTOM_GRAD_BACKENDS
-                       and cin >= MIN_CHANNELS and x.shape[1] * x.shape[2] >= MIN_PIXELS)
+                       and ((cin >= MIN_CHANNELS and x.shape[1] * x.shape[2] >= MIN_PIXELS)
+                            or kh * kw * cout <= NARROW_COLUMNS))
     if applies and custom_grad:
-        return _conv_same(x, kernel)
+        return _conv_keep_size(x, kernel, pad)
     return lax.conv_general_dilated(x, kernel, strides, pad, dimension_numbers=_DN)
+
+
+#: Padding of the two output phases' 2x2 convs along one axis (see :func:`upsample_conv2d`).
+_PHASE_PAD = ((1, 0), (0, 1))
+
+
+def subpixel_kernels(kernel):
+    """The 3x3 ``kernel`` of a conv applied after a nearest 2x upsample, as the four 2x2 kernels that give the
+    output pixels of each phase from the *un-upsampled* input: ``[a][b]`` for output rows ``2i + a`` and
+    columns ``2j + b``. Along one axis, output ``2i`` reads upsampled rows ``2i - 1, 2i, 2i + 1``, which are
+    input rows ``i - 1, i, i``, so its taps are ``(w0, w1 + w2)`` on rows ``(i - 1, i)``; output ``2i + 1``
+    reads input rows ``i, i, i + 1``: taps ``(w0 + w1, w2)`` on ``(i, i + 1)``."""
+    if kernel.shape[:2] != (3, 3):
+        raise ValueError(f"subpixel_kernels: needs a 3x3 kernel, got {kernel.shape}")
+    rows = (jnp.stack([kernel[0], kernel[1] + kernel[2]]), jnp.stack([kernel[0] + kernel[1], kernel[2]]))
+    return [[jnp.stack([r[:, 0], r[:, 1] + r[:, 2]], 1), jnp.stack([r[:, 0] + r[:, 1], r[:, 2]], 1)]
+            for r in rows]
+
+
+def upsample_conv2d(x: jax.Array, kernel: jax.Array, dtype=None, custom_grad: bool | None = None) -> jax.Array:
+    """``conv2d(nearest_upsample_2x(x), kernel)`` for a 3x3 ``kernel`` with padding 1 (diffusers'
+    ``Upsample2D``), computed from ``x`` at its own resolution: each of the four output phases is a 2x2 conv
+    of ``x`` with :func:`subpixel_kernels` (summed in float32, then cast to ``dtype``, default x's), and the
+    phases are interleaved. That is 4/9 of the FLOPs of the conv at the upsampled size, forward and both
+    gradients, and the upsampled input is never built. Equal to the upsample-then-conv up to float rounding
+    (the summed weights); ``tests/test_conv.py`` checks values and gradients against it. The phase convs'
+    gradient path is chosen as :func:`conv2d` would choose it for the 3x3 conv at the upsampled size
+    (``custom_grad``, as there)."""
+    dtype = x.dtype if dtype is None else dtype
+    b, h, w, cin = x.shape
+    if custom_grad is None:
+        custom_grad = (jax.default_backend() in CUSTOM_GRAD_BACKENDS
+                       and cin >= MIN_CHANNELS and 4 * h * w >= MIN_PIXELS)
+    ks = subpixel_kernels(kernel.astype(jnp.float32))
+    x = x.astype(dtype)
+    phases = [[conv2d(x, ks[a][c].astype(dtype), 1, (_PHASE_PAD[a], _PHASE_PAD[c]), custom_grad)
+               for c in range(2)] for a in range(2)]
+    y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2 (a), W, 2 (b), C]
+    return y.reshape(b, 2 * h, 2 * w, kernel.shape[-1])

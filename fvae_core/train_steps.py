@@ -37,6 +37,7 @@ from jax import lax
 
 from fvae_core.autoencoder import AutoencoderKL, VAEConfig
 from fvae_core.color import LOSS_SPACES
+from fvae_core.conv import grad_kernel
 from fvae_core.conventions import from_model_range, to_model_range
 from fvae_core.critic import PatchGAN, critic_input, critic_loss_terms, critic_objective, validate_critic
 from fvae_core.losses import adaptive_gan_weight, furception_pixel_weights, pixel_loss
@@ -271,13 +272,11 @@ class Trainer:
 
 
 def _last_layer_grad(h: jax.Array, kernel: jax.Array, cotangent: jax.Array) -> jax.Array:
-    """dL/dW of ``y = conv3x3(h, W)`` for an image-space cotangent ``dL/dy`` (float32)."""
-
-    def conv(w):
-        return lax.conv_general_dilated(h.astype(jnp.float32), w, (1, 1), [(1, 1), (1, 1)],
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    return jax.vjp(conv, kernel.astype(jnp.float32))[1](cotangent.astype(jnp.float32))[0]
+    """dL/dW of ``y = conv3x3(h, W)`` (``decoder.conv_out``: stride 1, padding 1) for an image-space cotangent
+    ``dL/dy``, float32. :func:`fvae_core.conv.grad_kernel` computes it from shifted copies of the 3-channel
+    cotangent in one matmul; XLA:CPU's own kernel gradient took 164 ms at B1 256^2 (9 ms this way)."""
+    kh, kw = kernel.shape[:2]
+    return grad_kernel(h.astype(jnp.float32), cotangent.astype(jnp.float32), kh, kw)
 
 
 def _kl_term(post, image_shape) -> jax.Array:

