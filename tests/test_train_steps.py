@@ -254,8 +254,11 @@ def test_nonfinite_step_is_skipped_and_leaves_the_state_bit_identical(lp, batch)
 
 def test_grad_accumulation_averages_micro_batch_gradients(lp, batch):
     """grad_accum=2 on a batch of 2 equals averaging generator_grads over the two single-image batches,
-    each with its own rng (the split the step uses), in a phase without the critic."""
-    recipe = dataclasses.replace(BASE, gan="none", latent="mean")
+    each with its own rng (the split the step uses), in a phase without the critic. The pixel loss is taken
+    in sRGB here: Oklab's cube root has a steep derivative near 0, and the ~3e-6 differences in y between the
+    scanned and the separate programs moved the Oklab gradients by up to 6e-4 (relative), which says nothing
+    about how micro-batches are accumulated (in sRGB they agree to a tenth of the tolerance below)."""
+    recipe = dataclasses.replace(BASE, gan="none", latent="mean", loss_space="srgb")
     tr = Trainer(recipe, CFG)
     params = init_params(CFG, 0)
     s0 = tr.init_state(params, jax.random.PRNGKey(1), 32)
