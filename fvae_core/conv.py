@@ -3,13 +3,19 @@
 XLA:CPU runs a 3x3 conv forward near matmul peak, and its input gradient is as fast as the forward, but
 its *kernel* gradient is slow for wide convs on large images: 128->128 channels at 256^2, B1, the kernel
 gradient takes 7-8x the forward (see ``/work/shared/reference/performance.md``). :func:`conv2d` therefore
-routes stride-1 "same" convs (odd kernel, torch-style symmetric ``k // 2`` padding) through a
-``jax.custom_vjp`` whose backward uses only ops XLA runs fast:
+routes stride-1 convs that keep the image size (torch's symmetric ``k // 2`` padding for odd kernels, or
+any ``(lo, hi)`` padding with ``lo + hi = k - 1``) through a ``jax.custom_vjp`` whose backward uses only
+ops XLA runs fast:
 
-* ``dx`` is a *forward* conv of ``dy`` with the kernel flipped spatially and its in/out axes swapped (the
-  transpose of a stride-1 "same" conv is a "same" conv); it matches XLA's ``dx`` bit for bit here;
+* ``dx`` is a *forward* conv of ``dy`` with the kernel flipped spatially and its in/out axes swapped, and
+  the padding mirrored (the transpose of a size-keeping stride-1 conv is one); it matches XLA's ``dx``;
 * ``dk[i, j] = sum_{b,h,w} xpad[b, h+i, w+j, :]^T dy[b, h, w, :]``: one matmul per kernel tap on
-  contiguous windows of the flattened padded input (see :func:`_grad_kernel`), accumulated in float32.
+  contiguous windows of the flattened padded input (see :func:`_grad_kernel`), accumulated in float32;
+  for a narrow output (the decoder's 3-channel ``conv_out``) one matmul against shifted copies of ``dy``.
+
+:func:`upsample_conv2d` is diffusers' ``Upsample2D`` (nearest 2x, then a 3x3 conv) as four 2x2 convs at
+the input's resolution, and :func:`frozen_conv` a conv with a frozen kernel whose backward kernel the
+caller transposes once (LPIPS).
 
 Measured per conv (fwd+bwd, same process, alternating): 0.15-0.7x XLA's time for 128-512 input channels
 at 128^2-256^2, but slower for 32-64 channels, where XLA's own kernel gradient is fast. So by default
@@ -17,7 +23,7 @@ at 128^2-256^2, but slower for 32-64 channels, where XLA's own kernel gradient i
 :data:`MIN_PIXELS`.
 The taps run in a ``fori_loop`` so that one window is live at a time: unrolled, XLA kept all nine alive
 and the sd decoder's fwd+bwd temp memory grew from 2.4 to 5.8 GiB.
-Everything else (strides, explicit or asymmetric padding, 1x1 or even kernels, mixed dtypes) is plain
+Everything else (strides, padding that changes the size, 1x1 kernels, mixed dtypes) is plain
 ``lax.conv_general_dilated`` with XLA's gradient. Forward values are identical on both paths (the forward
 *is* that call).
 """
