@@ -99,7 +99,7 @@ def test_generator_gradient_equals_plain_autodiff_of_total_loss(lp, batch):
     assert abs(w * n_adv / n_rec - 0.5) < 1e-3
 
 
-def test_last_layer_grad_equals_xla_kernel_gradient():
+def test_last_layer_grad_equals_xla_kernel_gradient(monkeypatch):
     """The adaptive weight's dL/dW of conv_out against XLA's own kernel gradient of a lax conv."""
     from fvae_core.train_steps import _last_layer_grad
 
@@ -110,9 +110,13 @@ def test_last_layer_grad_equals_xla_kernel_gradient():
     conv = lambda w: jax.lax.conv_general_dilated(h, w, (1, 1), [(1, 1), (1, 1)],
                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
     ref = jax.vjp(conv, k)[1](ct)[0]
-    got = jax.jit(_last_layer_grad)(h, k, ct)
-    assert got.shape == k.shape and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    import fvae_core.train_steps as TS
+
+    for backends in (("cpu",), ()):  # the one-matmul path, and XLA's gradient (what other backends use)
+        monkeypatch.setattr(TS, "CUSTOM_GRAD_BACKENDS", backends)
+        got = jax.jit(_last_layer_grad)(h, k, ct)
+        assert got.shape == k.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
 def test_ema_matches_hand_computation():
