@@ -412,9 +412,12 @@ def _upsample_nearest2x(x):
 SUBPIXEL_BACKENDS = ("cpu",)
 
 
+def _subpixel_here() -> bool:
+    return jax.default_backend() in SUBPIXEL_BACKENDS
+
+
 def _subpixel_applies(kernel_size: int, stride: int, padding) -> bool:
-    return (kernel_size == 3 and stride == 1 and padding == "SAME_TORCH"
-            and jax.default_backend() in SUBPIXEL_BACKENDS)
+    return kernel_size == 3 and stride == 1 and padding == "SAME_TORCH" and _subpixel_here()
 
 
 _RematResnetBlock = _remat(ResnetBlock, _KEEP)
@@ -429,7 +432,7 @@ def _resnet_block(*args, **kw):
 
 
 def _upsample_conv(*args, **kw):
-    remat = _remat_here() and not _subpixel_applies(3, 1, "SAME_TORCH")
+    remat = _remat_here() and not _subpixel_here()  # the sub-pixel form keeps only its input anyway
     return (_RematConv if remat else Conv)(*args, upsample=True, **kw)
 
 

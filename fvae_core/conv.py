@@ -193,6 +193,13 @@ MIN_PIXELS = 128 * 128
 CUSTOM_GRAD_BACKENDS = ("cpu",)
 
 
+def _auto_custom_grad(cin: int, pixels: int, columns: int) -> bool:
+    """The ``custom_grad=None`` rule: on :data:`CUSTOM_GRAD_BACKENDS`, wide convs on large images, or a narrow
+    output (``columns = kh * kw * C_out``)."""
+    return (jax.default_backend() in CUSTOM_GRAD_BACKENDS
+            and ((cin >= MIN_CHANNELS and pixels >= MIN_PIXELS) or columns <= NARROW_COLUMNS))
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
            padding: str | Sequence[Sequence[int]] = "SAME_TORCH", custom_grad: bool | None = None) -> jax.Array:
     """Conv of NHWC ``x`` with HWIO ``kernel``; same forward values as ``lax.conv_general_dilated``.
@@ -211,9 +218,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
     applies = (strides == (1, 1) and _keeps_size(kernel.shape, pad)
                and x.dtype == kernel.dtype and x.ndim == 4 and (kh, kw) != (1, 1))
     if custom_grad is None:
-        custom_grad = (jax.default_backend() in CUSTOM_GRAD_BACKENDS
-                       and ((cin >= MIN_CHANNELS and x.shape[1] * x.shape[2] >= MIN_PIXELS)
-                            or kh * kw * cout <= NARROW_COLUMNS))
+        custom_grad = _auto_custom_grad(cin, x.shape[1] * x.shape[2], kh * kw * cout)
     if applies and custom_grad:
         return _conv_keep_size(x, kernel, pad)
     return lax.conv_general_dilated(x, kernel, strides, pad, dimension_numbers=_DN)
@@ -247,9 +252,8 @@ def upsample_conv2d(x: jax.Array, kernel: jax.Array, dtype=None, custom_grad: bo
     (``custom_grad``, as there)."""
     dtype = x.dtype if dtype is None else dtype
     b, h, w, cin = x.shape
-    if custom_grad is None:
-        custom_grad = (jax.default_backend() in CUSTOM_GRAD_BACKENDS
-                       and cin >= MIN_CHANNELS and 4 * h * w >= MIN_PIXELS)
+    if custom_grad is None:  # as conv2d would choose for the 3x3 conv at the upsampled size
+        custom_grad = _auto_custom_grad(cin, 4 * h * w, 9 * kernel.shape[-1])
     ks = subpixel_kernels(kernel.astype(jnp.float32))
     x = x.astype(dtype)
     phases = [[conv2d(x, ks[a][c].astype(dtype), 1, (_PHASE_PAD[a], _PHASE_PAD[c]), custom_grad)

@@ -37,7 +37,7 @@ from jax import lax
 
 from fvae_core.autoencoder import AutoencoderKL, VAEConfig
 from fvae_core.color import LOSS_SPACES
-from fvae_core.conv import CUSTOM_GRAD_BACKENDS, grad_kernel
+from fvae_core.conv import conv2d
 from fvae_core.conventions import from_model_range, to_model_range
 from fvae_core.critic import PatchGAN, critic_input, critic_loss_terms, critic_objective, validate_critic
 from fvae_core.losses import adaptive_gan_weight, furception_pixel_weights, pixel_loss
@@ -273,19 +273,11 @@ class Trainer:
 
 def _last_layer_grad(h: jax.Array, kernel: jax.Array, cotangent: jax.Array) -> jax.Array:
     """dL/dW of ``y = conv3x3(h, W)`` (``decoder.conv_out``: stride 1, padding 1) for an image-space cotangent
-    ``dL/dy``, float32. On the backends of :data:`fvae_core.conv.CUSTOM_GRAD_BACKENDS`,
-    :func:`fvae_core.conv.grad_kernel` computes it from shifted copies of the 3-channel cotangent in one
-    matmul (XLA:CPU's own kernel gradient took 164 ms at B1 256^2, this 9 ms); elsewhere XLA's gradient."""
-    h, cotangent = h.astype(jnp.float32), cotangent.astype(jnp.float32)
-    kh, kw = kernel.shape[:2]
-    if jax.default_backend() in CUSTOM_GRAD_BACKENDS:
-        return grad_kernel(h, cotangent, kh, kw)
-
-    def conv(w):
-        return lax.conv_general_dilated(h, w, (1, 1), [(kh // 2, kh // 2), (kw // 2, kw // 2)],
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    return jax.vjp(conv, kernel.astype(jnp.float32))[1](cotangent)[0]
+    ``dL/dy``, float32: the kernel gradient of :func:`fvae_core.conv.conv2d`, so the same path as the
+    decoder's own backward (on XLA:CPU one matmul against shifted copies of the 3-channel cotangent, 9 ms at
+    B1 256^2 where XLA's own took 164 ms; elsewhere XLA's gradient)."""
+    h = h.astype(jnp.float32)
+    return jax.vjp(lambda w: conv2d(h, w), kernel.astype(jnp.float32))[1](cotangent.astype(jnp.float32))[0]
 
 
 def _kl_term(post, image_shape) -> jax.Array:

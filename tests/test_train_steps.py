@@ -110,10 +110,10 @@ def test_last_layer_grad_equals_xla_kernel_gradient(monkeypatch):
     conv = lambda w: jax.lax.conv_general_dilated(h, w, (1, 1), [(1, 1), (1, 1)],
                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
     ref = jax.vjp(conv, k)[1](ct)[0]
-    import fvae_core.train_steps as TS
+    import fvae_core.conv as C
 
     for backends in (("cpu",), ()):  # the one-matmul path, and XLA's gradient (what other backends use)
-        monkeypatch.setattr(TS, "CUSTOM_GRAD_BACKENDS", backends)
+        monkeypatch.setattr(C, "CUSTOM_GRAD_BACKENDS", backends)
         got = jax.jit(_last_layer_grad)(h, k, ct)
         assert got.shape == k.shape and got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
