@@ -287,33 +287,44 @@ def _kl_term(post, image_shape) -> jax.Array:
     return post.kl() / (h * w * c)
 
 
-#: XLA options for large train steps. XLA:CPU's default scheduler orders the step's ops for concurrency at
-#: the cost of memory; the memory-optimised one cut the sd-vae-ft-mse step's temp buffers from 9.8 to
-#: 7.7 GiB at B4, 256^2, fp32 at the same step time, but made the tiny-cpu step (B8, 64^2, 32 channels)
-#: 8% slower, where memory is no concern (measured, jax 0.10, 2-core EPYC; ``benchmarks/RESULTS.md``).
-#: The option is ignored by other backends.
-STEP_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+#: XLA options for every train step. XLA:CPU's newer MLIR fusion emitters compile the step's ~2,800 loop
+#: fusions about 10 s faster than its classic elemental emitter, but hold about 1 GB more memory while they
+#: do: the compile was the tiny-cpu step's RSS peak (2.3 GB, against 1.3 GB while it runs) and is 1.0 GB
+#: of the sd-vae-ft-mse B1 step's. With the classic emitter both steps run as fast (sd B1 14.1 vs 14.2 s,
+#: tiny 0.95 vs 0.96 s) and compile in about 1.3 GB less peak memory (jax 0.10, 2-core EPYC;
+#: ``benchmarks/RESULTS.md``). Options named ``xla_cpu_*`` are ignored by other backends.
+STEP_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+#: Added for large steps. XLA:CPU's default scheduler orders the step's ops for concurrency at the cost of
+#: memory; the memory-optimised one cut the sd-vae-ft-mse step's temp buffers from 9.8 to 7.7 GiB at B4,
+#: 256^2, fp32 at the same step time, but made the tiny-cpu step (B8, 64^2, 32 channels) 8% slower, where
+#: memory is no concern.
+LARGE_STEP_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 #: Steps whose decoder output layer holds fewer activation elements than this (micro-batch x crop^2 x
 #: ``block_out_channels[0]``; tiny-cpu 1M, sd-vae-ft-mse at B1 256^2 8.4M) keep XLA's default scheduler.
 MEMORY_SCHEDULER_MIN_ELEMENTS = 1 << 22
 
 
 @functools.lru_cache(maxsize=None)
-def _options_known() -> bool:
+def _options_known(items: tuple) -> bool:
     try:
-        jax.jit(lambda x: x + 1, compiler_options=STEP_COMPILER_OPTIONS).lower(1.0).compile()
+        jax.jit(lambda x: x + 1, compiler_options=dict(items)).lower(1.0).compile()
         return True
     except Exception:  # noqa: BLE001 -- any refusal means: compile without them
         return False
 
 
 def step_compiler_options(activation_elements: int | None = None) -> dict:
-    """:data:`STEP_COMPILER_OPTIONS` for a step of that size (None: assume large), or ``{}`` for a small
-    step or where the installed XLA does not know them (checked once on a trivial function, so that
-    another jaxlib never fails a run over a memory option)."""
-    if activation_elements is not None and activation_elements < MEMORY_SCHEDULER_MIN_ELEMENTS:
-        return {}
-    return dict(STEP_COMPILER_OPTIONS) if _options_known() else {}
+    """:data:`STEP_COMPILER_OPTIONS`, plus :data:`LARGE_STEP_COMPILER_OPTIONS` for a large step (None:
+    assume large). Each set is dropped where the installed XLA does not know it (checked once on a trivial
+    function, so that another jaxlib never fails a run over a compiler option)."""
+    sets = [STEP_COMPILER_OPTIONS]
+    if activation_elements is None or activation_elements >= MEMORY_SCHEDULER_MIN_ELEMENTS:
+        sets.append(LARGE_STEP_COMPILER_OPTIONS)
+    out = {}
+    for options in sets:
+        if options and _options_known(tuple(sorted(options.items()))):
+            out.update(options)
+    return out
 
 
 def activation_elements(vae_config: VAEConfig, micro_batch: int, crop: int) -> int:
@@ -416,30 +427,47 @@ def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, l
 
 
 def all_finite(*trees) -> jax.Array:
-    """True when every leaf of every tree is finite (a scalar bool array)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree_util.tree_leaves(t)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    """True when every leaf of every tree is finite (a scalar bool array).
+
+    ``x * 0`` is 0 for every finite x (however large) and NaN for inf or NaN, so the sum over all leaves is
+    0 or NaN: one scalar. The ``sqrt`` before the test is there for the compiler. XLA copies cheap scalar
+    producers into each consumer, and this flag guards every leaf of the new state. Written as 106 per-leaf
+    ``and``s, that chain was copied into each of the 427 update fusions of the tiny-cpu step: 160k lines of
+    optimised HLO, 4 s of compile time and 200 MB of compile memory. XLA does not duplicate an expensive op
+    like ``sqrt``, so the flag is computed once (68k lines)."""
+    leaves = [jnp.sum(x.astype(jnp.float32) * 0.0) for t in trees for x in jax.tree_util.tree_leaves(t)]
+    return jnp.isfinite(jnp.sqrt(sum(leaves))) if leaves else jnp.asarray(True)
 
 
-def _keep_if(ok, new, old):
-    """``new`` where ``ok`` else ``old``, leaf by leaf: a skipped update leaves the state bit-identical."""
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+def _update_if(ok, update, operands):
+    """``update(*operands)`` when ``ok``, else the operands unchanged (bit-identical): a skipped update.
+
+    Returns ``(new operands, update norm)``; the norm is 0 for a skipped update. A ``lax.cond`` rather than a
+    ``where`` per leaf: with ``where`` the old moments are still read after the donated buffers have been
+    overwritten, so XLA kept a copy of every Adam moment through the whole step (338 MB of the sd-vae-ft-mse
+    step's peak); inside the conditional's branch each leaf is updated in place."""
+    def skip(*ops):
+        return ops, jnp.zeros((), jnp.float32)
+
+    return lax.cond(ok, update, skip, *operands)
 
 
 def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel,
                       accum: int = 1):
     grads, metrics, fake = _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum)
     r = trainer.recipe
-    updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema, params, r.ema_decay)
     # NaN guard: a non-finite loss or gradient skips the whole update (params, moments, EMA).
     ok = all_finite(grads, metrics["loss/total"])
-    metrics.update({"gen/grad_norm": optax.tree.norm(grads),
-                    "gen/param_norm": optax.tree.norm(params), "gen/update_norm": optax.tree.norm(updates),
-                    "gen/skipped": 1.0 - ok.astype(jnp.float32)})
-    new = state.replace(params=params, opt_state=opt_state, ema=ema)
-    return _keep_if(ok, new, state), metrics, fake
+
+    def update(params, opt_state, ema):
+        updates, opt_state = trainer.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, ema_update(ema, params, r.ema_decay)), optax.tree.norm(updates)
+
+    (params, opt_state, ema), update_norm = _update_if(ok, update, (state.params, state.opt_state, state.ema))
+    metrics.update({"gen/grad_norm": optax.tree.norm(grads), "gen/param_norm": optax.tree.norm(params),
+                    "gen/update_norm": update_norm, "gen/skipped": 1.0 - ok.astype(jnp.float32)})
+    return state.replace(params=params, opt_state=opt_state, ema=ema), metrics, fake
 
 
 def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: int):
@@ -480,17 +508,20 @@ def _critic_update(trainer: Trainer, state: TrainState, real_m, fake_m, rng):
         return jnp.mean(terms["total"]), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic_params)
-    updates, opt_state = trainer.critic_tx.update(grads, state.critic_opt_state, state.critic_params)
-    cparams = optax.apply_updates(state.critic_params, updates)
     ok = all_finite(grads, loss)
+
+    def update(cparams, opt_state):
+        updates, opt_state = trainer.critic_tx.update(grads, opt_state, cparams)
+        return (optax.apply_updates(cparams, updates), opt_state), optax.tree.norm(updates)
+
+    (cparams, opt_state), update_norm = _update_if(ok, update, (state.critic_params, state.critic_opt_state))
     d_real, d_fake = jnp.mean(terms["d_real"]), jnp.mean(terms["d_fake"])
     metrics = {"critic/loss": loss, "critic/objective": jnp.mean(terms["critic_loss"]),
                "critic/penalty": jnp.mean(terms["penalty"]), "critic/drift": jnp.mean(terms["drift"]),
                "critic/d_real": d_real, "critic/d_fake": d_fake, "critic/wasserstein": d_real - d_fake,
                "critic/grad_norm": optax.tree.norm(grads), "critic/param_norm": optax.tree.norm(cparams),
-               "critic/update_norm": optax.tree.norm(updates), "critic/skipped": 1.0 - ok.astype(jnp.float32)}
-    new = state.replace(critic_params=cparams, critic_opt_state=opt_state)
-    return _keep_if(ok, new, state), metrics
+               "critic/update_norm": update_norm, "critic/skipped": 1.0 - ok.astype(jnp.float32)}
+    return state.replace(critic_params=cparams, critic_opt_state=opt_state), metrics
 
 
 def _train_step(trainer: Trainer, phase: str, accum: int, state: TrainState, batch, rng, lpips: LPIPSModel):

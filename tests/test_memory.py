@@ -73,13 +73,42 @@ def test_remat_keeps_fewer_activations(monkeypatch):
 def test_step_compiler_options_by_size_and_dropped_when_unknown(monkeypatch):
     big = T.activation_elements(A.PRESET_CONFIGS["sd-vae-ft-mse"], 1, 256)
     small = T.activation_elements(CFG, 8, 64)
-    assert T.step_compiler_options(big) == T.STEP_COMPILER_OPTIONS  # this jaxlib knows the scheduler option
-    assert T.step_compiler_options(None) == T.STEP_COMPILER_OPTIONS
-    assert T.step_compiler_options(small) == {}  # the tiny step keeps XLA's default (faster there)
+    both = {**T.STEP_COMPILER_OPTIONS, **T.LARGE_STEP_COMPILER_OPTIONS}
+    assert len(both) == 2  # this jaxlib knows both options
+    assert T.step_compiler_options(big) == both
+    assert T.step_compiler_options(None) == both
+    assert T.step_compiler_options(small) == T.STEP_COMPILER_OPTIONS  # default scheduler (faster there)
     T._options_known.cache_clear()
-    monkeypatch.setattr(T, "STEP_COMPILER_OPTIONS", {"xla_no_such_option_for_fvae": "1"})
+    monkeypatch.setattr(T, "LARGE_STEP_COMPILER_OPTIONS", {"xla_no_such_option_for_fvae": "1"})
     try:
+        assert T.step_compiler_options(big) == T.STEP_COMPILER_OPTIONS  # the unknown set alone is dropped
+        monkeypatch.setattr(T, "STEP_COMPILER_OPTIONS", {"xla_no_such_option_either": "1"})
         assert T.step_compiler_options(big) == {}
-        assert float(T.jit_step(lambda x: x * 2, big)(3.0)) == 6.0  # still compiles, without the option
+        assert float(T.jit_step(lambda x: x * 2, big)(3.0)) == 6.0  # still compiles, without the options
     finally:
         T._options_known.cache_clear()
+
+
+
+def test_grads_first_keeps_values_and_gradients_and_ties_the_input_gradient():
+    """``_grads_first`` only reorders the backward: value and both gradients equal plain autodiff of the
+    same function (the oracle), and the input gradient really depends on the parameter gradients (a NaN
+    in one reaches the other, which is what makes XLA compute the parameter gradients first)."""
+    def fn(x, p):
+        k, b = p
+        return jnp.tanh(x @ k + b)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    p = (jax.random.normal(jax.random.PRNGKey(1), (3, 5)), jnp.linspace(-1.0, 1.0, 5))
+    dy = jax.random.normal(jax.random.PRNGKey(2), (4, 5))
+    y_ref, vjp_ref = jax.vjp(fn, x, p)
+    y, vjp = jax.vjp(lambda x, p: A._grads_first(fn, x, p), x, p)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    (dx_ref, dp_ref), (dx, dp) = vjp_ref(dy), vjp(dy)
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_ref))
+    for a, b in zip(jax.tree.leaves(dp), jax.tree.leaves(dp_ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bad_dy = dy.at[0, 0].set(jnp.inf)  # makes the bias gradient non-finite
+    dx_bad, _ = jax.vjp(lambda x, p: A._grads_first(fn, x, p), x, p)[1](bad_dy)
+    assert np.all(np.isnan(np.asarray(dx_bad)[1:]))  # rows the inf never touched in plain autodiff
+    assert np.all(np.isfinite(np.asarray(jax.vjp(fn, x, p)[1](bad_dy)[0])[1:]))

@@ -14,8 +14,8 @@ from fvae_core.critic import critic_input
 from fvae_core.data import skimage_photo
 from fvae_core.losses import adaptive_gan_weight, pixel_loss
 from fvae_core.lpips import load_lpips, lpips_distance
-from fvae_core.train_steps import (RecipeConfig, Trainer, ema_decay_for_batch, ema_update, generator_grads,
-                                   make_optimizer, merge_params)
+from fvae_core.train_steps import (RecipeConfig, Trainer, all_finite, ema_decay_for_batch, ema_update,
+                                   generator_grads, make_optimizer, merge_params)
 
 E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
 CFG = VAEConfig(block_out_channels=(16, 32), down_block_types=(E,) * 2, up_block_types=(D,) * 2,
@@ -254,6 +254,20 @@ def test_nonfinite_step_is_skipped_and_leaves_the_state_bit_identical(lp, batch)
     assert int(state.step) == 2  # the step counter (and the data) move on
     state, m = step(state, batch, jax.random.PRNGKey(2))  # and training continues
     assert float(m["gen/skipped"]) == 0.0 and np.isfinite(float(m["loss/total"]))
+
+
+@pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan])
+def test_all_finite_flags_any_nonfinite_element_and_accepts_huge_finite_ones(bad):
+    """The NaN guard's flag, checked against numpy: one inf or NaN anywhere (any leaf, any dtype) makes it
+    False; values near float32's max stay True (a norm-based shortcut would overflow there and fail)."""
+    tree = {"a": jnp.full((3, 4), 3.0e38, jnp.float32), "b": [jnp.arange(5), jnp.ones((2,), jnp.bfloat16)],
+            "c": jnp.asarray(-2.5e38, jnp.float32)}
+    if bad is not None:
+        tree["b"][1] = tree["b"][1].at[1].set(bad)
+    expected = all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree_util.tree_leaves(tree))
+    assert expected == (bad is None)
+    assert bool(jax.jit(all_finite)(tree, jnp.asarray(1.0))) == expected
+    assert bool(all_finite({})) is True
 
 
 def test_grad_accumulation_averages_micro_batch_gradients(lp, batch):
