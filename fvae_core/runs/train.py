@@ -242,8 +242,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
     from fvae_core.lpips import load_lpips
     from fvae_core.runs.checkpoint import Checkpoints
     from fvae_core.runs.log import RunLog, environment_record
-    from fvae_core.train_steps import (Trainer, activation_elements, jit_step, merge_params,
-                                       release_host_memory)
+    from fvae_core.train_steps import Trainer, activation_elements, compile_step, merge_params
 
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -287,12 +286,12 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
 
     steps = {}
 
-    def step_for(phase):
-        if phase not in steps:
+    def step_for(phase, args):
+        if phase not in steps:  # compiled once per phase, then jax's tracing caches are dropped
             size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)
-            steps[phase] = jit_step(trainer.raw_step(phase, cfg.grad_accum), size, donate_argnums=(0,),
-                                    in_shardings=(state_sh, {"image": batch_sh}, repl, repl),
-                                    out_shardings=(state_sh, repl))
+            steps[phase] = compile_step(trainer.raw_step(phase, cfg.grad_accum), args, size, donate_argnums=(0,),
+                                        in_shardings=(state_sh, {"image": batch_sh}, repl, repl),
+                                        out_shardings=(state_sh, repl))
         return steps[phase]
 
     recon = jax.jit(trainer.eval_fn(), in_shardings=(repl, batch_sh), out_shardings=batch_sh)
@@ -363,11 +362,10 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
             x = put_batch(np.asarray(batch["image"], np.float32) / 255.0)
             rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step), repl)
             phase = trainer.phase_for_step(step)
-            compiles = phase not in steps
-            state, metrics = step_for(phase)(state, {"image": x}, rng, lpips)
+            args = (state, {"image": x}, rng, lpips)
+            state, metrics = step_for(phase, args)(*args)
+            del args  # the donated state
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if compiles:
-                release_host_memory()  # the compiler's freed heap, before the next peak
             skipped = m.get("gen/skipped", 0.0) > 0 or m.get("critic/skipped", 0.0) > 0
             consecutive = consecutive + 1 if skipped else 0
             skipped_total += int(skipped)
