@@ -209,10 +209,12 @@ def _grads_first(fn, x, params):
     1x1 and 3x3 conv kernels) whose result is next needed by the optimiser at the very end of the step, so
     XLA:CPU's memory-optimised scheduler ran those reductions last and kept their full-resolution inputs
     alive through the rest of the backward: 634 MB of the sd-vae-ft-mse B1 step's peak. Here the input
-    gradient carries ``0 * sum(param grads)``, a data dependency that makes the scheduler compute them
-    first (JAX has no control dependencies, and XLA removes optimisation barriers before scheduling). The
-    cost is one read of each parameter gradient; values are unchanged (``+ 0``), unless a gradient is
-    non-finite, when the step is skipped anyway (``train_steps.all_finite``)."""
+    gradient carries ``0 * sum(max(g) for each param grad g)``, a data dependency that makes the scheduler
+    compute them first. A ``max``, not a ``sum``: XLA merges a sum of a sum-reduction into one reduction of
+    the full-resolution input, and the original reduction then stays deferred. (JAX has no control
+    dependencies, and its optimisation barriers were gone from XLA:CPU's optimised HLO here.) The cost is
+    one read of each parameter gradient; values are unchanged (``+ 0``), unless a gradient is non-finite,
+    when the step is skipped anyway (``train_steps.all_finite``)."""
     return _grads_first_vjp(fn, x, params)
 
 
