@@ -304,11 +304,22 @@ def _group_norm_grads_first(x, scale, bias, *, groups, eps, act, dtype):
 
 
 def _group_norm_act(x, scale, bias, groups: int, eps: float, act: str | None, dtype):
+    """GroupNorm statistics as per-channel sums over the image first, then over each group's few channels:
+    the image-wide reductions then run along the contiguous channel axis. Reduced over (H, W, channels of
+    the group) in one go, XLA:CPU's reduction was 2-5x slower (tiny decoder, 32 channels in 16 groups: the
+    innermost reduced axis had 2 elements), forward and backward. Two passes, as torch: the variance is
+    that of the centred values."""
     b, h, w, c = x.shape
-    xf = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
-    mean = jnp.mean(xf, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 4), keepdims=True)
-    y = ((xf - mean) * lax.rsqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+    xf = x.astype(jnp.float32)
+    n = h * w * (c // groups)
+
+    def group_mean(per_channel_sum):  # [b, c] -> each channel's group mean, [b, 1, 1, c]
+        s = per_channel_sum.reshape(b, groups, c // groups).sum(-1, keepdims=True)
+        return jnp.broadcast_to(s / n, (b, groups, c // groups)).reshape(b, 1, 1, c)
+
+    xc = xf - group_mean(jnp.sum(xf, axis=(1, 2)))
+    var = group_mean(jnp.sum(jnp.square(xc), axis=(1, 2)))
+    y = xc * lax.rsqrt(var + eps) * scale + bias
     if act is not None:
         y = _ACTIVATIONS[act](y)
     return y.astype(dtype)
