@@ -3,7 +3,7 @@ from batches held in memory (issue 8, goal 2: loader step time <= 1.05x the in-m
 
 A printed benchmark, not a test. The per-step work is what ``fvae_core.runs.train`` does each step:
 ``next(iterator)``, uint8 -> float32 [0, 1], ``jax.device_put``, the jitted step (state donated, compiled
-with :func:`fvae_core.train_steps.jit_step`), then ``jax.device_get`` of the metrics (the loop syncs every
+ahead of time by :func:`fvae_core.train_steps.compile_step` at the first batch), then ``jax.device_get`` of the metrics (the loop syncs every
 step). Only the source of the batch differs:
 
 * **loader**: ``make_iterator(train_dataset(...), workers=W)`` on a prepared OpenMoji set (the first
@@ -59,7 +59,7 @@ def main(argv=None):
     from fvae_core.lpips import load_lpips
     from fvae_core.runs.config import preset
     from fvae_core.runs.train import _init_params
-    from fvae_core.train_steps import Trainer, activation_elements, jit_step, release_host_memory
+    from fvae_core.train_steps import Trainer, activation_elements, compile_step
 
     cfg = preset(args.preset)
     workers = cfg.data.workers if args.workers is None else args.workers
@@ -83,14 +83,16 @@ def main(argv=None):
         state = state.replace(step=jnp.asarray(r.disc_start, jnp.int32))
         lp = load_lpips(cfg.lpips_net) if r.lpips_weight else None
         size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)  # as fvae_core.runs.train
-        step = jit_step(trainer.raw_step(phase, cfg.grad_accum), size, donate_argnums=(0,))
-        holder = {"state": state, "i": 0}
+        holder = {"state": state, "i": 0, "step": None}
         del state
 
         def run(batch):
             x = jax.device_put(np.asarray(batch["image"], np.float32) / 255.0)
             rng = jax.random.fold_in(jax.random.PRNGKey(0), holder["i"])
-            holder["state"], m = step(holder["state"], {"image": x}, rng, lp)
+            args = (holder["state"], {"image": x}, rng, lp)
+            if holder["step"] is None:  # as fvae train: compiled at the first batch, then jax's caches dropped
+                holder["step"] = compile_step(trainer.raw_step(phase, cfg.grad_accum), args, size, donate_argnums=(0,))
+            holder["state"], m = holder["step"](*args)
             holder["i"] += 1
             return {k: float(v) for k, v in jax.device_get(m).items()}
 
@@ -98,7 +100,6 @@ def main(argv=None):
             t = time.perf_counter()
             run(next(it))
             compile_s = time.perf_counter() - t
-            release_host_memory()
             for _ in range(2):
                 run(next(it))
             cached = [next(it) for _ in range(args.cache)]

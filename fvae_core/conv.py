@@ -293,14 +293,16 @@ WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MAX_PIXELS = 64 * 64
 
 
-def winograd_kernel(kernel) -> jax.Array:
-    """The Winograd F(2x2, 3x3) transform of a 3x3 HWIO ``kernel``: ``[16, C_in, C_out]`` float32, entry
-    ``4 a + b`` holding ``(G g G^T)[a, b]`` for every channel pair. Computed once per frozen kernel."""
+def winograd_kernel(kernel) -> tuple[jax.Array, ...]:
+    """The Winograd F(2x2, 3x3) transform of a 3x3 HWIO ``kernel``: 16 float32 ``[C_in, C_out]`` matrices,
+    entry ``4 a + b`` holding ``(G g G^T)[a, b]`` for every channel pair. Computed once per frozen kernel,
+    and kept as 16 separate arrays: slices of one ``[16, C_in, C_out]`` array were copied by XLA in every
+    step (about 100 MB per LPIPS-VGG16 step)."""
     if tuple(kernel.shape[:2]) != (3, 3) or len(kernel.shape) != 4:
         raise ValueError(f"winograd_kernel: needs a 3x3 HWIO kernel, got shape {tuple(kernel.shape)}")
     k = np.asarray(kernel, np.float32)
-    u = np.einsum("ar,rsio,bs->abio", _WINO_G, k, _WINO_G)
-    return jnp.asarray(np.ascontiguousarray(u.reshape(16, *k.shape[2:])))
+    u = np.einsum("ar,rsio,bs->abio", _WINO_G, k, _WINO_G).reshape(16, *k.shape[2:])
+    return tuple(jnp.asarray(np.ascontiguousarray(m)) for m in u)
 
 
 def winograd_fits(kernel_shape, dtype) -> bool:
@@ -323,17 +325,20 @@ def _wino_rows(d0, d1, d2, d3):
     return d0 - d2, d1 + d2, d2 - d1, d1 - d3
 
 
-def winograd_conv3x3(x: jax.Array, u: jax.Array, transpose: bool = False) -> jax.Array:
-    """The stride-1 conv of NHWC float32 ``x`` with the 3x3 kernel whose :func:`winograd_kernel` is ``u``,
+def winograd_conv3x3(x: jax.Array, u, transpose: bool = False) -> jax.Array:
+    """The stride-1 conv of NHWC float32 ``x`` with the 3x3 kernel whose :func:`winograd_kernel` is ``u``
+    (16 ``[C_in, C_out]`` matrices),
     padding 1 (torch's ``padding=1``); with ``transpose``, the conv with :func:`transposed_kernel` of that
     kernel instead, which is the conv's input gradient (``u`` permuted and contracted over its output
     channels, so one transformed kernel serves both directions). Odd sizes are padded by one zero row or
     column, which no kept output reads. Equal to ``lax.conv_general_dilated`` up to float rounding (the
     transforms add a few roundings: about 4e-6 absolute on unit-scale outputs)."""
     b, h, w, cin = x.shape
-    cout = u.shape[1] if transpose else u.shape[2]
-    if u.shape[0] != 16 or u.shape[2 if transpose else 1] != cin:
-        raise ValueError(f"winograd_conv3x3: transformed kernel {u.shape} does not fit input {x.shape}")
+    shapes = {tuple(m.shape) for m in u}
+    if len(u) != 16 or len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[transpose] != cin:
+        raise ValueError(f"winograd_conv3x3: transformed kernel {sorted(shapes)} x {len(u)} does not fit input "
+                         f"{x.shape}")
+    cout = next(iter(shapes))[1 - transpose]
     he, we = h + h % 2, w + w % 2
     xp = jnp.pad(x, ((0, 0), (1, 1 + he - h), (1, 1 + we - w), (0, 0)))
     rows = _wino_rows(*[xp[:, r:r + he:2] for r in range(4)])

@@ -419,9 +419,11 @@ def _lpips_batched(lp, x01: np.ndarray, recs: dict[str, np.ndarray], batch_size:
 
     out = {name: [] for name in recs}
     for i in range(0, len(x01), batch_size):
-        fx = lpips_features(lp.params, x01[i:i + batch_size] * 2.0 - 1.0, net=lp.net)
+        fx = lpips_features(lp.params, x01[i:i + batch_size] * 2.0 - 1.0, net=lp.net,
+                            winograd_kernels=lp.winograd_kernels)
         for name, rec in recs.items():
-            fy = lpips_features(lp.params, rec[i:i + batch_size] * 2.0 - 1.0, net=lp.net)
+            fy = lpips_features(lp.params, rec[i:i + batch_size] * 2.0 - 1.0, net=lp.net,
+                                winograd_kernels=lp.winograd_kernels)
             out[name].append(np.asarray(lpips_from_features(lp.params, fy, fx, net=lp.net), np.float64))
     return {name: np.concatenate(v) for name, v in out.items()}
 

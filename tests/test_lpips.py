@@ -276,13 +276,17 @@ def test_shape_errors(alex):
 
 @pytest.mark.parametrize("net", ["alexnet", "vgg16"])
 def test_split_features_equal_the_distance(net, pair):
-    """Evaluation caches the original's features: the split path must give the same distance."""
+    """Evaluation caches the original's features: the split path must give the same distance, with the
+    model's Winograd kernels (the same convs as the distance) and without them (every conv direct)."""
     from fvae_core.lpips import lpips_features, lpips_from_features
 
     x, y = pair
     model = load_lpips(net)
     whole = np.asarray(lpips_distance(model, x, y))
-    split = np.asarray(lpips_from_features(model.params, lpips_features(model.params, x, net=net),
-                                           lpips_features(model.params, y, net=net), net=net))
-    np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-7)
+    for wk, rtol in ((model.winograd_kernels, 1e-6), (None, 1e-5)):
+        split = np.asarray(lpips_from_features(model.params,
+                                               lpips_features(model.params, x, net=net, winograd_kernels=wk),
+                                               lpips_features(model.params, y, net=net, winograd_kernels=wk),
+                                               net=net))
+        np.testing.assert_allclose(split, whole, rtol=rtol, atol=1e-7)
     assert np.all(whole > 0)
