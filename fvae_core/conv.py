@@ -244,6 +244,14 @@ def subpixel_kernels(kernel):
             for r in rows]
 
 
+def _interleave_phases(phases) -> jax.Array:
+    """``phases[a][c]``, four ``[B, H, W, C]`` arrays, as the ``[B, 2H, 2W, C]`` image whose pixel
+    ``(2i + a, 2j + c)`` is ``phases[a][c][i, j]``."""
+    b, h, w, ch = phases[0][0].shape
+    y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2 (a), W, 2 (c), C]
+    return y.reshape(b, 2 * h, 2 * w, ch)
+
+
 def upsample_conv2d(x: jax.Array, kernel: jax.Array, dtype=None, custom_grad: bool | None = None) -> jax.Array:
     """``conv2d(nearest_upsample_2x(x), kernel)`` for a 3x3 ``kernel`` with padding 1 (diffusers'
     ``Upsample2D``), computed from ``x`` at its own resolution: each of the four output phases is a 2x2 conv
@@ -261,8 +269,7 @@ def upsample_conv2d(x: jax.Array, kernel: jax.Array, dtype=None, custom_grad: bo
     x = x.astype(dtype)
     phases = [[conv2d(x, ks[a][c].astype(dtype), 1, (_PHASE_PAD[a], _PHASE_PAD[c]), custom_grad)
                for c in range(2)] for a in range(2)]
-    y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2 (a), W, 2 (b), C]
-    return y.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+    return _interleave_phases(phases)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,38 +333,38 @@ def _wino_rows(d0, d1, d2, d3):
 
 
 def winograd_conv3x3(x: jax.Array, u, transpose: bool = False) -> jax.Array:
-    """The stride-1 conv of NHWC float32 ``x`` with the 3x3 kernel whose :func:`winograd_kernel` is ``u``
-    (16 ``[C_in, C_out]`` matrices),
-    padding 1 (torch's ``padding=1``); with ``transpose``, the conv with :func:`transposed_kernel` of that
-    kernel instead, which is the conv's input gradient (``u`` permuted and contracted over its output
-    channels, so one transformed kernel serves both directions). Odd sizes are padded by one zero row or
-    column, which no kept output reads. Equal to ``lax.conv_general_dilated`` up to float rounding (the
-    transforms add a few roundings: about 4e-6 absolute on unit-scale outputs)."""
+    """The stride-1 conv of NHWC float32 ``x``, padding 1 (torch's ``padding=1``), with the 3x3 kernel whose
+    :func:`winograd_kernel` is ``u`` (16 ``[C_in, C_out]`` matrices). With ``transpose``: the conv with
+    :func:`transposed_kernel` of that kernel instead, which is the conv's input gradient (``u`` permuted and
+    contracted over its output channels, so one transformed kernel serves both directions). Odd sizes are
+    padded by one zero row or column, which no kept output reads. Equal to ``lax.conv_general_dilated`` up
+    to float rounding (the transforms add a few roundings: about 4e-6 absolute on unit-scale outputs)."""
     b, h, w, cin = x.shape
     shapes = {tuple(m.shape) for m in u}
-    if len(u) != 16 or len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[transpose] != cin:
+    mat_shape = next(iter(shapes)) if len(shapes) == 1 else ()
+    if len(u) != 16 or len(mat_shape) != 2 or mat_shape[transpose] != cin:
         raise ValueError(f"winograd_conv3x3: transformed kernel {sorted(shapes)} x {len(u)} does not fit input "
                          f"{x.shape}")
-    cout = next(iter(shapes))[1 - transpose]
+    cout = mat_shape[1 - transpose]
     he, we = h + h % 2, w + w % 2
     xp = jnp.pad(x, ((0, 0), (1, 1 + he - h), (1, 1 + we - w), (0, 0)))
     rows = _wino_rows(*[xp[:, r:r + he:2] for r in range(4)])
     tiles = [_wino_rows(*[t[:, :, c:c + we:2] for c in range(4)]) for t in rows]  # [4][4] x [b, he/2, we/2, cin]
-    m = [[None] * 4 for _ in range(4)]
-    for a in range(4):
-        for c in range(4):
-            v = tiles[a][c].reshape(-1, cin)
-            if transpose:
-                ut = u[4 * _WINO_FLIP[a] + _WINO_FLIP[c]]
-                m[a][c] = lax.dot_general(v, ut, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            else:
-                m[a][c] = lax.dot_general(v, u[4 * a + c], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def product(a, c):  # [tiles, C_out] for tile position (a, c)
+        v = tiles[a][c].reshape(-1, cin)
+        if transpose:  # the flipped kernel's transform, contracted over its output channels
+            mat, contract = u[4 * _WINO_FLIP[a] + _WINO_FLIP[c]], 1
+        else:
+            mat, contract = u[4 * a + c], 0
+        return lax.dot_general(v, mat, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+
+    m = [[product(a, c) for c in range(4)] for a in range(4)]
     # A^T m A: rows, then columns; then the four output phases interleaved.
     t = ([m[0][c] + m[1][c] + m[2][c] for c in range(4)], [m[1][c] - m[2][c] - m[3][c] for c in range(4)])
     phases = [[r[0] + r[1] + r[2], r[1] - r[2] - r[3]] for r in t]
     shape = (b, he // 2, we // 2, cout)
-    y = jnp.stack([jnp.stack([p.reshape(shape) for p in row], axis=3) for row in phases], axis=2)
-    y = y.reshape(b, he, we, cout).astype(x.dtype)
+    y = _interleave_phases([[p.reshape(shape) for p in row] for row in phases]).astype(x.dtype)
     return y[:, :h, :w] if (he, we) != (h, w) else y
 
 

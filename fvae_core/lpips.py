@@ -44,7 +44,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from fvae_core.conv import frozen_conv, frozen_winograd_conv, transposed_kernel, use_winograd, winograd_fits, winograd_kernel
+from fvae_core.conv import (frozen_conv, frozen_winograd_conv, transposed_kernel, use_winograd, winograd_fits,
+                            winograd_kernel)
 
 __all__ = [
     "NETS",
