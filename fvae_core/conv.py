@@ -16,7 +16,10 @@ ops XLA runs fast:
 :func:`upsample_conv2d` is diffusers' ``Upsample2D`` (nearest 2x, then a 3x3 conv) as four 2x2 convs at
 the input's resolution, and :func:`frozen_conv` a conv with a frozen kernel whose backward kernel the
 caller transposes once (LPIPS). :func:`winograd_conv3x3` is a 3x3 "same" conv by Winograd's F(2x2, 3x3)
-algorithm, for frozen kernels transformed once (:func:`winograd_kernel`; LPIPS-VGG's convs on small images).
+algorithm, for frozen kernels transformed once (:func:`winograd_kernel`; LPIPS-VGG's convs on small images),
+and :func:`winograd_conv2d` the same conv with a trainable kernel and both gradients (0.37-0.5x the direct
+conv's fwd+bwd time per conv for the sd-vae-ft-mse autoencoder's 512-channel layers at 32^2-64^2), which
+:func:`conv2d` takes only where :data:`CONV2D_WINOGRAD_MIN_CHANNELS` is set (off by default: memory).
 
 Measured per conv (fwd+bwd, same process, alternating): 0.15-0.7x XLA's time for 128-512 input channels
 at 128^2-256^2, but slower for 32-64 channels, where XLA's own kernel gradient is fast. So by default
@@ -204,15 +207,20 @@ def _auto_custom_grad(cin: int, pixels: int, columns: int) -> bool:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
-           padding: str | Sequence[Sequence[int]] = "SAME_TORCH", custom_grad: bool | None = None) -> jax.Array:
-    """Conv of NHWC ``x`` with HWIO ``kernel``; same forward values as ``lax.conv_general_dilated``.
+           padding: str | Sequence[Sequence[int]] = "SAME_TORCH", custom_grad: bool | None = None,
+           winograd: bool | None = None) -> jax.Array:
+    """Conv of NHWC ``x`` with HWIO ``kernel``; the forward values of ``lax.conv_general_dilated`` (exactly,
+    or up to float rounding on the Winograd path).
 
     ``padding`` is ``"SAME_TORCH"`` (symmetric ``k // 2`` on each side, torch's ``padding=k//2``) or two
-    explicit ``(lo, hi)`` pairs. ``custom_grad``: ``None`` picks the custom-gradient path where it was
-    measured faster (a backend in :data:`CUSTOM_GRAD_BACKENDS`, stride 1, a padding that keeps the size,
-    same dtypes, and either input channels >= :data:`MIN_CHANNELS` and H*W >= :data:`MIN_PIXELS`,
-    or a narrow output, ``kh * kw * C_out <= NARROW_COLUMNS``); ``True``
-    uses it wherever it applies (tests); ``False`` never does. Where it does not apply this is plain
+    explicit ``(lo, hi)`` pairs. ``winograd``: ``None`` uses :func:`winograd_conv2d` for a float32 3x3
+    stride-1 conv with padding 1 where :data:`CONV2D_WINOGRAD_MIN_CHANNELS` is set and
+    :func:`use_winograd` says so for it, unless ``custom_grad`` is given;
+    ``True`` wherever it applies (tests); ``False`` never. ``custom_grad``: ``None`` picks the
+    custom-gradient path where it was measured faster (a backend in :data:`CUSTOM_GRAD_BACKENDS`, stride 1,
+    a padding that keeps the size, same dtypes, and either input channels >= :data:`MIN_CHANNELS` and H*W
+    >= :data:`MIN_PIXELS`, or a narrow output, ``kh * kw * C_out <= NARROW_COLUMNS``); ``True``
+    uses it wherever it applies (tests); ``False`` never does. Where neither applies this is plain
     ``lax.conv_general_dilated``.
     """
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
@@ -220,6 +228,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,
     kh, kw, cin, cout = kernel.shape
     applies = (strides == (1, 1) and _keeps_size(kernel.shape, pad)
                and x.dtype == kernel.dtype and x.ndim == 4 and (kh, kw) != (1, 1))
+    if winograd is None:
+        winograd = (custom_grad is None and CONV2D_WINOGRAD_MIN_CHANNELS is not None
+                    and use_winograd(x.shape, kernel.shape, x.dtype, CONV2D_WINOGRAD_MIN_CHANNELS))
+    if applies and winograd and (kh, kw) == (3, 3) and pad == ((1, 1), (1, 1)) and x.dtype == jnp.float32:
+        return winograd_conv2d(x, kernel)
     if custom_grad is None:
         custom_grad = _auto_custom_grad(cin, x.shape[1] * x.shape[2], kh * kw * cout)
     if applies and custom_grad:
@@ -298,18 +311,55 @@ WINOGRAD_MIN_CHANNELS = 64
 #: (B1-B4, 256^2 crops), 0.91x for 64 channels at 64^2, B8; but 1.2x for 128 channels at 128^2 and 1.7x for
 #: 64 channels at 256^2, where XLA's direct conv runs near the matmul peak.
 WINOGRAD_MAX_PIXELS = 64 * 64
+#: :func:`conv2d` (the autoencoder's convs) uses :func:`winograd_conv2d` from this many channels; None (the
+#: default): never. Off because of memory: with 128 the sd-vae-ft-mse B1 step was 6% faster (median; 15% by
+#: the fastest repetition) but its peak RSS rose 218 MB, to 1.05x PyTorch's (a larger executable, and the
+#: tiles of the 64^2 layers), and its compile took 22 s longer. With 64 the tiny-cpu step was 7% faster, but
+#: compiled 20 s (50%) longer, which the test suite would pay at every step it compiles. Set it (e.g. 128) for
+#: CPU runs with memory to spare (``benchmarks/RESULTS.md``).
+CONV2D_WINOGRAD_MIN_CHANNELS: int | None = None
+
+
+def _combine(coeffs, items):
+    """``[sum_j coeffs[i, j] items[j] for each row i]`` for a small constant matrix, skipping its zeros (the
+    Winograd transforms are a few adds and halvings)."""
+    out = []
+    for row in np.asarray(coeffs):
+        acc = None
+        for c, item in zip(row, items):
+            if c != 0:
+                term = item if c == 1 else -item if c == -1 else float(c) * item
+                acc = term if acc is None else acc + term
+        out.append(acc)
+    return out
+
+
+def _kernel_transform(kernel, columns_first: bool = False) -> tuple[jax.Array, ...]:
+    """``G g G^T`` of a 3x3 HWIO kernel as 16 ``[C_in, C_out]`` arrays, entry ``4 a + b`` (traceable);
+    ``columns_first``: summed in the other order, as :func:`_input_tiles`."""
+    if columns_first:
+        cols = _combine(_WINO_G, [kernel[:, s] for s in range(3)])  # [b] x [3 (r), C_in, C_out]
+        by_col = [_combine(_WINO_G, [c[r] for r in range(3)]) for c in cols]  # [b][a]
+        return tuple(by_col[b][a] for a in range(4) for b in range(4))
+    rows = _combine(_WINO_G, [kernel[r] for r in range(3)])  # 4 x [3, C_in, C_out]
+    return tuple(m for r in rows for m in _combine(_WINO_G, [r[s] for s in range(3)]))
+
+
+def _kernel_transform_t(du) -> jax.Array:
+    """The transpose of :func:`_kernel_transform`: 16 ``[C_in, C_out]`` cotangents -> the ``[3, 3, C_in,
+    C_out]`` kernel cotangent ``G^T du G``."""
+    cols = [_combine(_WINO_G.T, [du[4 * a + b] for a in range(4)]) for b in range(4)]  # [b][r]
+    return jnp.stack([jnp.stack(_combine(_WINO_G.T, [cols[b][r] for b in range(4)])) for r in range(3)])
 
 
 def winograd_kernel(kernel) -> tuple[jax.Array, ...]:
     """The Winograd F(2x2, 3x3) transform of a 3x3 HWIO ``kernel``: 16 float32 ``[C_in, C_out]`` matrices,
-    entry ``4 a + b`` holding ``(G g G^T)[a, b]`` for every channel pair. Computed once per frozen kernel,
-    and kept as 16 separate arrays: slices of one ``[16, C_in, C_out]`` array were copied by XLA in every
-    step (about 100 MB per LPIPS-VGG16 step)."""
+    entry ``4 a + b`` holding ``(G g G^T)[a, b]`` for every channel pair. For a frozen kernel, computed
+    once, and kept as 16 separate arrays: slices of one ``[16, C_in, C_out]`` array were copied by XLA in
+    every step (about 100 MB per LPIPS-VGG16 step)."""
     if tuple(kernel.shape[:2]) != (3, 3) or len(kernel.shape) != 4:
         raise ValueError(f"winograd_kernel: needs a 3x3 HWIO kernel, got shape {tuple(kernel.shape)}")
-    k = np.asarray(kernel, np.float32)
-    u = np.einsum("ar,rsio,bs->abio", _WINO_G, k, _WINO_G).reshape(16, *k.shape[2:])
-    return tuple(jnp.asarray(np.ascontiguousarray(m)) for m in u)
+    return _kernel_transform(jnp.asarray(kernel, jnp.float32))
 
 
 def winograd_fits(kernel_shape, dtype) -> bool:
@@ -320,16 +370,47 @@ def winograd_fits(kernel_shape, dtype) -> bool:
             and jnp.dtype(dtype) == jnp.float32)
 
 
-def use_winograd(x_shape, kernel_shape, dtype) -> bool:
+def use_winograd(x_shape, kernel_shape, dtype, min_channels: int = WINOGRAD_MIN_CHANNELS) -> bool:
     """Whether a stride-1, padding-1 3x3 conv of NHWC ``x_shape`` is faster as :func:`winograd_conv3x3`: on
-    :data:`WINOGRAD_BACKENDS`, :func:`winograd_fits`, and at most :data:`WINOGRAD_MAX_PIXELS` per image."""
+    :data:`WINOGRAD_BACKENDS`, :func:`winograd_fits`, at least ``min_channels`` input and output channels,
+    and at most :data:`WINOGRAD_MAX_PIXELS` per image."""
     return (jax.default_backend() in WINOGRAD_BACKENDS and winograd_fits(kernel_shape, dtype)
-            and x_shape[1] * x_shape[2] <= WINOGRAD_MAX_PIXELS)
+            and min(kernel_shape[2:]) >= min_channels and x_shape[1] * x_shape[2] <= WINOGRAD_MAX_PIXELS)
 
 
 def _wino_rows(d0, d1, d2, d3):
     """``B^T d`` along one axis of a 4-tap tile."""
     return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def _input_tiles(x, columns_first: bool = False):
+    """``B^T d B`` for every 4x4 input tile (stride 2) of NHWC ``x`` padded by 1 (and to an even size):
+    ``[4][4]`` arrays ``[B, H'/2, W'/2, C]``. ``columns_first`` sums in the other order (same values up to
+    rounding), so that XLA cannot merge the backward pass's tiles with the forward's (see
+    :func:`winograd_conv2d`)."""
+    b, h, w, cin = x.shape
+    he, we = h + h % 2, w + w % 2
+    xp = jnp.pad(x, ((0, 0), (1, 1 + he - h), (1, 1 + we - w), (0, 0)))
+    if columns_first:
+        cols = _wino_rows(*[xp[:, :, c:c + we:2] for c in range(4)])
+        by_col = [_wino_rows(*[t[:, r:r + he:2] for r in range(4)]) for t in cols]  # [c][a]
+        return [[by_col[c][a] for c in range(4)] for a in range(4)]
+    rows = _wino_rows(*[xp[:, r:r + he:2] for r in range(4)])
+    return [_wino_rows(*[t[:, :, c:c + we:2] for c in range(4)]) for t in rows]
+
+
+#: ``A`` of the output transform ``A^T m A``: output phase ``i`` of a tile takes ``sum_a A[a, i] m[a]``.
+_WINO_A = np.array([[1, 0], [1, 1], [1, -1], [0, -1]], np.float32)
+
+
+def _output_cotangent_tiles(dy):
+    """The transpose of the output transform: ``dm[a][c] = sum_ij A[a, i] A[c, j] dy[:, i::2, j::2]`` (dy
+    zero-padded to an even size), ``[4][4]`` arrays ``[B, H'/2, W'/2, C]``."""
+    b, h, w, _ = dy.shape
+    dyp = jnp.pad(dy, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    phase = [[dyp[:, i::2, j::2] for j in range(2)] for i in range(2)]
+    rows = [_combine(_WINO_A, [phase[i][j] for i in range(2)]) for j in range(2)]  # [j][a]
+    return [_combine(_WINO_A, [rows[j][a] for j in range(2)]) for a in range(4)]
 
 
 def winograd_conv3x3(x: jax.Array, u, transpose: bool = False) -> jax.Array:
@@ -347,9 +428,7 @@ def winograd_conv3x3(x: jax.Array, u, transpose: bool = False) -> jax.Array:
                          f"{x.shape}")
     cout = mat_shape[1 - transpose]
     he, we = h + h % 2, w + w % 2
-    xp = jnp.pad(x, ((0, 0), (1, 1 + he - h), (1, 1 + we - w), (0, 0)))
-    rows = _wino_rows(*[xp[:, r:r + he:2] for r in range(4)])
-    tiles = [_wino_rows(*[t[:, :, c:c + we:2] for c in range(4)]) for t in rows]  # [4][4] x [b, he/2, we/2, cin]
+    tiles = _input_tiles(x)
 
     def product(a, c):  # [tiles, C_out] for tile position (a, c)
         v = tiles[a][c].reshape(-1, cin)
@@ -361,11 +440,43 @@ def winograd_conv3x3(x: jax.Array, u, transpose: bool = False) -> jax.Array:
 
     m = [[product(a, c) for c in range(4)] for a in range(4)]
     # A^T m A: rows, then columns; then the four output phases interleaved.
-    t = ([m[0][c] + m[1][c] + m[2][c] for c in range(4)], [m[1][c] - m[2][c] - m[3][c] for c in range(4)])
-    phases = [[r[0] + r[1] + r[2], r[1] - r[2] - r[3]] for r in t]
+    t = [_combine(_WINO_A.T, [m[a][c] for a in range(4)]) for c in range(4)]  # [c][i]
+    phases = [_combine(_WINO_A.T, [t[c][i] for c in range(4)]) for i in range(2)]  # [i][j]
     shape = (b, he // 2, we // 2, cout)
     y = _interleave_phases([[p.reshape(shape) for p in row] for row in phases]).astype(x.dtype)
     return y[:, :h, :w] if (he, we) != (h, w) else y
+
+
+@jax.custom_vjp
+def winograd_conv2d(x, kernel):
+    """The stride-1, padding-1 conv of NHWC float32 ``x`` with a trainable 3x3 HWIO ``kernel`` by Winograd
+    F(2x2, 3x3), both gradients included: the kernel is transformed in the step (16 ``[C_in, C_out]``
+    matrices, cheap next to the conv), ``dx`` is :func:`winograd_conv3x3` of ``dy`` with ``transpose=True``
+    on the same matrices, and the transformed kernel's cotangent is 16 matmuls of the input tiles against
+    the output cotangent's tiles (4/9 of the direct kernel gradient's multiply-adds), mapped back by
+    ``G^T . G``. Only ``x`` and the kernel are kept for the backward pass."""
+    return winograd_conv3x3(x, _kernel_transform(kernel))
+
+
+def _winograd_conv2d_fwd(x, kernel):
+    return winograd_conv3x3(x, _kernel_transform(kernel)), (x, kernel)
+
+
+def _winograd_conv2d_bwd(res, dy):
+    # The input tiles and the transformed kernel are recomputed, summed in the other order. Kept from the
+    # forward, or computed the same way (XLA's CSE merges the two, and on CPU ignores an optimization
+    # barrier), they stay live from the forward to the backward pass: 4x every input and 16/9 of every
+    # kernel, 0.5 GB more temp memory in the sd-vae-ft-mse B1 step.
+    x, kernel = res
+    u = _kernel_transform(kernel, columns_first=True)
+    cin, cout = x.shape[-1], dy.shape[-1]
+    v, dm = _input_tiles(x, columns_first=True), _output_cotangent_tiles(dy)
+    du = [lax.dot_general(v[a][c].reshape(-1, cin), dm[a][c].reshape(-1, cout), (((0,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32) for a in range(4) for c in range(4)]
+    return winograd_conv3x3(dy, u, transpose=True), _kernel_transform_t(du)
+
+
+winograd_conv2d.defvjp(_winograd_conv2d_fwd, _winograd_conv2d_bwd)
 
 
 @jax.custom_vjp

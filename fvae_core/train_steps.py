@@ -353,20 +353,27 @@ def release_host_memory() -> None:
 
 
 def compile_step(fn, args, activation_elements: int | None = None, **jit_kw):
-    """:func:`jit_step` compiled ahead of time for ``args``; then jax's tracing caches are dropped
-    (``jax.clear_caches``) and the compiler's freed heap is returned (:func:`release_host_memory`).
+    """:func:`jit_step` compiled ahead of time for ``args``. jax's caches are dropped (``jax.clear_caches``)
+    and the freed heap is returned (:func:`release_host_memory`) both before and after the compile.
 
-    The compiled step needs only its executable. The jaxpr and StableHLO that jax keeps to re-trace would
-    stay resident for the whole run and add to its peak: 280 MB in the tiny-cpu step's process, about 300 MB
-    at sd-vae-ft-mse size. Every other jitted function re-traces on its next call, so this is for code that
-    owns the process: ``fvae train`` and the benchmarks."""
+    Before: the executables and traces of everything jitted so far (weight init, state init, loading) are
+    not needed again, and the compile's own peak would stack on them: 270 MB in the tiny-cpu process.
+    After: the compiled step needs only its executable; the jaxpr and StableHLO that jax keeps to re-trace
+    would stay resident for the whole run (280 MB at tiny-cpu, about 300 MB at sd-vae-ft-mse size). Every
+    other jitted function re-traces on its next call, so this is for code that owns the process: ``fvae
+    train`` and the benchmarks."""
+    _drop_caches()
+    compiled = jit_step(fn, activation_elements, **jit_kw).lower(*args).compile()
+    _drop_caches()
+    return compiled
+
+
+def _drop_caches() -> None:
     import gc
 
-    compiled = jit_step(fn, activation_elements, **jit_kw).lower(*args).compile()
     jax.clear_caches()
     gc.collect()
     release_host_memory()
-    return compiled
 
 
 _JIT_CACHE: dict = {}

@@ -151,3 +151,51 @@ def test_group_norm_matches_torch_with_gradients(shape, groups):
              "dscale": (gs, st.grad.numpy()), "dbias": (gb, bt.grad.numpy())}
     for name, (got, ref) in pairs.items():  # float32 against float64: about 1e-6 of the largest value
         assert np.abs(np.asarray(got) - ref).max() / np.abs(ref).max() < 1e-5, name
+
+
+def test_wide_decoder_on_winograd_path_matches_diffusers_with_gradients(monkeypatch):
+    """A 128-channel model whose 3x3 convs on small images take fvae_core.conv's Winograd path (switched on
+    here, checked below): decoding and the loss gradient of every decoder param against diffusers run in
+    float64."""
+    import fvae_core.conv
+    from conftest import make_torch_vae
+
+    monkeypatch.setattr(fvae_core.conv, "CONV2D_WINOGRAD_MIN_CHANNELS", 128)
+
+    E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
+    cfg = VAEConfig(block_out_channels=(128, 128), down_block_types=(E,) * 2, up_block_types=(D,) * 2,
+                    layers_per_block=1, norm_num_groups=32)
+    model = make_torch_vae(cfg).double()
+    params = params_from_diffusers_state_dict(torch_state_numpy(model), cfg)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    m = AutoencoderKL(cfg)
+    z = np.random.default_rng(4).standard_normal((2, 6, 10, cfg.latent_channels))
+    w = np.random.default_rng(5).standard_normal((2, 12, 20, 3))
+
+    def loss(p):
+        return jnp.sum(m.apply({"params": p}, jnp.asarray(z, jnp.float32), method=m.decode) * w)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert jaxpr.count("dot_general") >= 48 * 4, "the decoder's 128-channel convs did not take the Winograd path"
+    val, grads = jax.value_and_grad(loss)(params)
+    zt = torch.from_numpy(z.transpose(0, 3, 1, 2).copy())
+    out = model.decode(zt).sample
+    lt = (out * torch.from_numpy(w.transpose(0, 3, 1, 2).copy())).sum()
+    lt.backward()
+    assert abs(float(val) - lt.item()) < 1e-5 * abs(lt.item()) + 1e-4
+    tgrads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().numpy()
+              for k, p in model.named_parameters()}
+    ref = params_from_diffusers_state_dict({**torch_state_numpy(model), **tgrads}, cfg)
+    got, want = grads["decoder"], ref["decoder"]
+    top = max(float(np.abs(np.asarray(r)).max()) for r in jax.tree_util.tree_leaves(want))
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        r = np.asarray(_get_path(want, path), np.float64)
+        # relative to the leaf, with a floor for leaves whose true gradient is 0 (attention's key bias)
+        scale = max(float(np.abs(r).max()), 1e-4 * top)
+        assert np.abs(np.asarray(g, np.float64) - r).max() / scale < 1e-4, jax.tree_util.keystr(path)
+
+
+def _get_path(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree

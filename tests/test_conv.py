@@ -260,3 +260,64 @@ def test_winograd_dispatch_rule_and_errors(monkeypatch):
         C.winograd_kernel(np.zeros((5, 5, 64, 64), np.float32))
     with pytest.raises(ValueError, match="does not fit"):
         C.winograd_conv3x3(jnp.zeros((1, 4, 4, 32)), C.winograd_kernel(np.zeros((3, 3, 64, 64), np.float32)))
+
+
+def _grad_kernel_f64(x, dy):
+    """dL/dkernel of the padding-1 3x3 conv in float64 numpy: ``sum xpad[b, h+i, w+j]^T dy[b, h, w]``."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    _, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return np.stack([np.stack([np.einsum("bhwi,bhwo->io", xp[:, i:i + h, j:j + w], dy) for j in range(3)])
+                     for i in range(3)])
+
+
+@pytest.mark.parametrize("shape_x,cout", [
+    ((2, 8, 8, 128), 128),
+    ((1, 7, 9, 64), 32),    # odd height and width, cin != cout
+    ((3, 5, 4, 16), 24),    # batch 3, odd height
+    ((1, 1, 1, 8), 8),      # one pixel: only the centre tap sees data
+])
+def test_winograd_conv2d_value_and_both_gradients_match_float64(shape_x, cout):
+    """The trainable Winograd conv: forward, input gradient and kernel gradient against float64 numpy."""
+    from fvae_core.conv import transposed_kernel, winograd_conv2d
+
+    x, k = _data(shape_x, (3, 3, shape_x[-1], cout))
+    ref = _conv_f64(x, k)
+    y, vjp = jax.vjp(jax.jit(winograd_conv2d), x, k)
+    assert y.shape == ref.shape and np.max(np.abs(np.asarray(y) - ref)) / np.max(np.abs(ref)) < 2e-6
+    dy = _data(ref.shape, (1,), seed=1)[0]
+    gx, gk = vjp(dy)
+    gx_ref = _conv_f64(dy, transposed_kernel(np.asarray(k, np.float64)))
+    gk_ref = _grad_kernel_f64(x, dy)
+    assert gx.shape == x.shape and gk.shape == k.shape and gk.dtype == jnp.float32
+    assert np.max(np.abs(np.asarray(gx) - gx_ref)) / np.max(np.abs(gx_ref)) < 2e-6
+    assert np.max(np.abs(np.asarray(gk) - gk_ref)) / np.max(np.abs(gk_ref)) < 2e-6
+
+
+def test_conv2d_dispatches_wide_small_convs_to_winograd(monkeypatch):
+    """With CONV2D_WINOGRAD_MIN_CHANNELS set (off by default), conv2d takes the Winograd path (16 matmuls,
+    no convolution) for a float32 3x3 conv with that many channels on a small image, and the direct conv
+    otherwise: fewer channels, bf16, a stride, an explicit ``custom_grad`` or ``winograd=False``, a larger
+    image, or another backend."""
+    import fvae_core.conv as C
+
+    def ops(fn, *args):
+        eqns = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a)), (0, 1)))(*args))
+        return eqns.count("dot_general"), eqns.count("conv_general_dilated")
+
+    x, k = _data((2, 16, 16, 128), (3, 3, 128, 128))
+    assert C.CONV2D_WINOGRAD_MIN_CHANNELS is None and ops(C.conv2d, x, k)[1] > 0  # off by default
+    monkeypatch.setattr(C, "CONV2D_WINOGRAD_MIN_CHANNELS", 128)
+    assert ops(C.conv2d, x, k) == (48, 0)  # forward, dx and the kernel cotangent: 16 matmuls each
+    assert ops(lambda x, k: C.conv2d(x, k, winograd=False), x, k)[1] > 0
+    assert ops(lambda x, k: C.conv2d(x, k, custom_grad=False), x, k)[1] > 0
+    assert ops(lambda x, k: C.conv2d(x, k, stride=2), x, k)[1] > 0
+    xb, kb = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    assert ops(C.conv2d, xb, kb)[1] > 0
+    x64, k64 = _data((2, 16, 16, 64), (3, 3, 64, 64))
+    assert ops(C.conv2d, x64, k64)[1] > 0                  # below CONV2D_WINOGRAD_MIN_CHANNELS
+    assert ops(lambda x, k: C.conv2d(x, k, winograd=True), x64, k64) == (48, 0)
+    xl, kl = _data((1, 72, 72, 128), (3, 3, 128, 128))
+    assert ops(C.conv2d, xl, kl)[1] > 0                    # above WINOGRAD_MAX_PIXELS
+    monkeypatch.setattr(C, "WINOGRAD_BACKENDS", ("gpu",))
+    assert ops(C.conv2d, x, k)[1] > 0
