@@ -174,10 +174,9 @@ def _same(cv: _Conv) -> bool:
 
 
 def _winograd_kernels(arch: _Arch, params) -> tuple:
-    p = params[arch.backbone]
-    shapes = [p[f"Conv_{i}"]["kernel"].shape for i in range(len(arch.convs))]
-    return tuple(winograd_kernel(p[f"Conv_{i}"]["kernel"]) if _same(cv) and winograd_fits(shapes[i], jnp.float32)
-                 else None for i, cv in enumerate(arch.convs))
+    kernels = [params[arch.backbone][f"Conv_{i}"]["kernel"] for i in range(len(arch.convs))]
+    return tuple(winograd_kernel(k) if _same(cv) and winograd_fits(k.shape, jnp.float32) else None
+                 for k, cv in zip(kernels, arch.convs))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -241,8 +241,18 @@ class Trainer:
             raise ValueError(f"phase {phase!r} not in {PHASES}")
         if phase != "rec" and self.recipe.gan == "none":
             raise ValueError(f"phase {phase!r} needs a GAN, but recipe.gan is 'none'")
-        jitted = _cached_jit((self, phase, grad_accum), self.raw_step(phase, grad_accum), donate_argnums=(0,))
-        return lambda state, batch, rng: jitted(state, batch, rng, lpips)
+        raw = self.raw_step(phase, grad_accum)
+
+        def step(state, batch, rng):
+            # compiled per size class, with the compiler options that fvae train uses for this size
+            b, h, w = batch["image"].shape[:3]
+            size = activation_elements(self.vae_config, max(1, b // grad_accum), h, w)
+            large = size >= MEMORY_SCHEDULER_MIN_ELEMENTS
+            jitted = _cached_jit((self, phase, grad_accum, large), raw, activation_elements=size,
+                                 donate_argnums=(0,))
+            return jitted(state, batch, rng, lpips)
+
+        return step
 
     def raw_step(self, phase: str, grad_accum: int = 1) -> Callable:
         """The un-jitted ``step(state, batch, rng, lpips) -> (state, metrics)``, for callers that jit it
@@ -327,9 +337,9 @@ def step_compiler_options(activation_elements: int | None = None) -> dict:
     return out
 
 
-def activation_elements(vae_config: VAEConfig, micro_batch: int, crop: int) -> int:
-    """The size measure of :data:`MEMORY_SCHEDULER_MIN_ELEMENTS`."""
-    return micro_batch * crop * crop * vae_config.block_out_channels[0]
+def activation_elements(vae_config: VAEConfig, micro_batch: int, crop: int, width: int | None = None) -> int:
+    """The size measure of :data:`MEMORY_SCHEDULER_MIN_ELEMENTS` (``width``: of a non-square crop)."""
+    return micro_batch * crop * (crop if width is None else width) * vae_config.block_out_channels[0]
 
 
 def jit_step(fn, activation_elements: int | None = None, **jit_kw):
@@ -379,13 +389,13 @@ def _drop_caches() -> None:
 _JIT_CACHE: dict = {}
 
 
-def _cached_jit(key, fn, step: bool = True, **jit_kw):
-    """One jitted function per (trainer, entry point): Trainer is hashable, so repeated calls to
-    ``step_fn``/``critic_step_fn``/``eval_fn`` reuse the compiled step instead of re-tracing. Train steps
-    (``step``) get :func:`jit_step`'s compiler options; ``eval_fn`` is a plain ``jax.jit`` (callers nest it
-    in their own jit, where compiler options are not allowed)."""
+def _cached_jit(key, fn, step: bool = True, activation_elements: int | None = None, **jit_kw):
+    """One jitted function per (trainer, entry point[, size class]): Trainer is hashable, so repeated calls
+    to ``step_fn``/``critic_step_fn``/``eval_fn`` reuse the compiled step instead of re-tracing. Train steps
+    (``step``) get :func:`jit_step`'s compiler options for ``activation_elements``; ``eval_fn`` is a plain
+    ``jax.jit`` (callers nest it in their own jit, where compiler options are not allowed)."""
     if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = jit_step(fn, **jit_kw) if step else jax.jit(fn, **jit_kw)
+        _JIT_CACHE[key] = jit_step(fn, activation_elements, **jit_kw) if step else jax.jit(fn, **jit_kw)
     return _JIT_CACHE[key]
 
 

@@ -112,3 +112,29 @@ def test_grads_first_keeps_values_and_gradients_and_ties_the_input_gradient():
     dx_bad, _ = jax.vjp(lambda x, p: A._grads_first(fn, x, p), x, p)[1](bad_dy)
     assert np.all(np.isnan(np.asarray(dx_bad)[1:]))  # rows the inf never touched in plain autodiff
     assert np.all(np.isfinite(np.asarray(jax.vjp(fn, x, p)[1](bad_dy)[0])[1:]))
+
+
+def test_step_fn_compiles_with_the_options_for_its_batch_size(monkeypatch):
+    """``Trainer.step_fn`` measures the batch it is called with (micro-batch, crop height and width) and
+    jits with that size's compiler options, as ``fvae train`` does: a tiny-cpu batch gets XLA's default
+    scheduler, an sd-vae-ft-mse-size one the memory-optimised one, each jitted once."""
+    calls = []
+
+    def fake_jit_step(fn, activation_elements=None, **kw):
+        calls.append(activation_elements)
+        opts = T.step_compiler_options(activation_elements)
+        return lambda state, batch, rng, lpips: (state, opts)
+
+    monkeypatch.setattr(T, "jit_step", fake_jit_step)
+    monkeypatch.setattr(T, "_JIT_CACHE", {})
+    tr = T.Trainer(recipe=T.RecipeConfig(), vae_config=CFG)
+    step = tr.step_fn("rec", lpips=None, grad_accum=2)
+    small = {"image": jnp.zeros((8, 64, 48, 3))}
+    _, opts = step("state", small, None)
+    assert calls == [T.activation_elements(CFG, 4, 64, 48)] and opts == T.STEP_COMPILER_OPTIONS
+    step("state", small, None)
+    assert len(calls) == 1  # cached
+    large = {"image": jnp.zeros((16, 512, 512, 3))}
+    _, opts = step("state", large, None)
+    assert calls[-1] == T.activation_elements(CFG, 8, 512) >= T.MEMORY_SCHEDULER_MIN_ELEMENTS
+    assert opts == T.step_compiler_options(None) and len(calls) == 2
