@@ -378,9 +378,8 @@ def use_winograd(x_shape, kernel_shape, dtype, min_channels: int = WINOGRAD_MIN_
             and min(kernel_shape[2:]) >= min_channels and x_shape[1] * x_shape[2] <= WINOGRAD_MAX_PIXELS)
 
 
-def _wino_rows(d0, d1, d2, d3):
-    """``B^T d`` along one axis of a 4-tap tile."""
-    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+#: ``B^T`` of the input transform ``B^T d B``.
+_WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 
 
 def _input_tiles(x, columns_first: bool = False):
@@ -392,11 +391,11 @@ def _input_tiles(x, columns_first: bool = False):
     he, we = h + h % 2, w + w % 2
     xp = jnp.pad(x, ((0, 0), (1, 1 + he - h), (1, 1 + we - w), (0, 0)))
     if columns_first:
-        cols = _wino_rows(*[xp[:, :, c:c + we:2] for c in range(4)])
-        by_col = [_wino_rows(*[t[:, r:r + he:2] for r in range(4)]) for t in cols]  # [c][a]
+        cols = _combine(_WINO_BT, [xp[:, :, c:c + we:2] for c in range(4)])
+        by_col = [_combine(_WINO_BT, [t[:, r:r + he:2] for r in range(4)]) for t in cols]  # [c][a]
         return [[by_col[c][a] for c in range(4)] for a in range(4)]
-    rows = _wino_rows(*[xp[:, r:r + he:2] for r in range(4)])
-    return [_wino_rows(*[t[:, :, c:c + we:2] for c in range(4)]) for t in rows]
+    rows = _combine(_WINO_BT, [xp[:, r:r + he:2] for r in range(4)])
+    return [_combine(_WINO_BT, [t[:, :, c:c + we:2] for c in range(4)]) for t in rows]
 
 
 #: ``A`` of the output transform ``A^T m A``: output phase ``i`` of a tile takes ``sum_a A[a, i] m[a]``.

@@ -244,11 +244,11 @@ class Trainer:
         raw = self.raw_step(phase, grad_accum)
 
         def step(state, batch, rng):
-            # compiled per size class, with the compiler options that fvae train uses for this size
+            # jitted once per set of compiler options: those fvae train uses for this batch's size
             b, h, w = batch["image"].shape[:3]
             size = activation_elements(self.vae_config, max(1, b // grad_accum), h, w)
-            large = size >= MEMORY_SCHEDULER_MIN_ELEMENTS
-            jitted = _cached_jit((self, phase, grad_accum, large), raw, activation_elements=size,
+            options = tuple(sorted(step_compiler_options(size).items()))
+            jitted = _cached_jit((self, phase, grad_accum, options), raw, activation_elements=size,
                                  donate_argnums=(0,))
             return jitted(state, batch, rng, lpips)
 
@@ -390,7 +390,7 @@ _JIT_CACHE: dict = {}
 
 
 def _cached_jit(key, fn, step: bool = True, activation_elements: int | None = None, **jit_kw):
-    """One jitted function per (trainer, entry point[, size class]): Trainer is hashable, so repeated calls
+    """One jitted function per (trainer, entry point[, compiler options]): Trainer is hashable, so repeated calls
     to ``step_fn``/``critic_step_fn``/``eval_fn`` reuse the compiled step instead of re-tracing. Train steps
     (``step``) get :func:`jit_step`'s compiler options for ``activation_elements``; ``eval_fn`` is a plain
     ``jax.jit`` (callers nest it in their own jit, where compiler options are not allowed)."""
