@@ -3,8 +3,8 @@ from batches held in memory (issue 8, goal 2: loader step time <= 1.05x the in-m
 
 A printed benchmark, not a test. The per-step work is what ``fvae_core.runs.train`` does each step:
 ``next(iterator)``, uint8 -> float32 [0, 1], ``jax.device_put``, the jitted step (state donated, compiled
-ahead of time by :func:`fvae_core.train_steps.compile_step` at the first batch), then ``jax.device_get`` of the metrics (the loop syncs every
-step). Only the source of the batch differs:
+ahead of time by :func:`fvae_core.train_steps.compile_step` at the first batch), then ``jax.device_get``
+of the metrics (the loop syncs every step). Only the source of the batch differs:
 
 * **loader**: ``make_iterator(train_dataset(...), workers=W)`` on a prepared OpenMoji set (the first
   ``--svgs`` SVGs rendered at the preset's ``render_size``), the preset's crop, augmentation and batch;

@@ -362,20 +362,19 @@ def winograd_kernel(kernel) -> tuple[jax.Array, ...]:
     return _kernel_transform(jnp.asarray(kernel, jnp.float32))
 
 
-def winograd_fits(kernel_shape, dtype) -> bool:
+def winograd_fits(kernel_shape, dtype, min_channels: int = WINOGRAD_MIN_CHANNELS) -> bool:
     """The shape-independent half of :func:`use_winograd`: a float32 3x3 kernel with at least
-    :data:`WINOGRAD_MIN_CHANNELS` input and output channels (worth transforming at load time)."""
+    ``min_channels`` input and output channels (worth transforming at load time)."""
     kh, kw, cin, cout = kernel_shape
-    return ((kh, kw) == (3, 3) and min(cin, cout) >= WINOGRAD_MIN_CHANNELS
-            and jnp.dtype(dtype) == jnp.float32)
+    return (kh, kw) == (3, 3) and min(cin, cout) >= min_channels and jnp.dtype(dtype) == jnp.float32
 
 
 def use_winograd(x_shape, kernel_shape, dtype, min_channels: int = WINOGRAD_MIN_CHANNELS) -> bool:
     """Whether a stride-1, padding-1 3x3 conv of NHWC ``x_shape`` is faster as :func:`winograd_conv3x3`: on
-    :data:`WINOGRAD_BACKENDS`, :func:`winograd_fits`, at least ``min_channels`` input and output channels,
-    and at most :data:`WINOGRAD_MAX_PIXELS` per image."""
-    return (jax.default_backend() in WINOGRAD_BACKENDS and winograd_fits(kernel_shape, dtype)
-            and min(kernel_shape[2:]) >= min_channels and x_shape[1] * x_shape[2] <= WINOGRAD_MAX_PIXELS)
+    :data:`WINOGRAD_BACKENDS`, :func:`winograd_fits` with ``min_channels``, and at most
+    :data:`WINOGRAD_MAX_PIXELS` per image."""
+    return (jax.default_backend() in WINOGRAD_BACKENDS and winograd_fits(kernel_shape, dtype, min_channels)
+            and x_shape[1] * x_shape[2] <= WINOGRAD_MAX_PIXELS)
 
 
 #: ``B^T`` of the input transform ``B^T d B``.

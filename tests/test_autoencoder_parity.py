@@ -144,7 +144,8 @@ def test_group_norm_matches_torch_with_gradients(shape, groups):
     fn = lambda x, s, b: _group_norm_act(x, s, b, groups, 1e-6, "silu", jnp.float32)  # noqa: E731
     y, vjp = jax.vjp(fn, jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
     gx, gs, gb = vjp(jnp.asarray(dy))
-    xt, st, bt = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x.transpose(0, 3, 1, 2), scale, bias))
+    xt, st, bt = (torch.tensor(v, dtype=torch.float64, requires_grad=True)
+                  for v in (x.transpose(0, 3, 1, 2), scale, bias))
     yt = torch.nn.functional.silu(torch.nn.functional.group_norm(xt, groups, st, bt, eps=1e-6))
     yt.backward(torch.from_numpy(dy.transpose(0, 3, 1, 2)).double())
     pairs = {"y": (y, yt.detach().numpy().transpose(0, 2, 3, 1)), "dx": (gx, xt.grad.numpy().transpose(0, 2, 3, 1)),
