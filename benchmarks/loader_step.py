@@ -56,7 +56,6 @@ def main(argv=None):
     from data import _openmoji_limited  # benchmarks/data.py
     from fvae_core.data.loader import PreparedDataset, make_iterator, train_dataset
     from fvae_core.data.prepare import PrepareConfig, prepare
-    from fvae_core.lpips import load_lpips
     from fvae_core.runs.config import preset
     from fvae_core.runs.train import _init_params
     from fvae_core.train_steps import Trainer, activation_elements, compile_step
@@ -81,7 +80,7 @@ def main(argv=None):
         del params
         phase = trainer.phase_for_step(r.disc_start)
         state = state.replace(step=jnp.asarray(r.disc_start, jnp.int32))
-        lp = load_lpips(cfg.lpips_net) if r.lpips_weight else None
+        lp = trainer.step_lpips(cfg.lpips_net, cfg.data.crop)
         size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)  # as fvae_core.runs.train
         holder = {"state": state, "i": 0, "step": None}
         del state

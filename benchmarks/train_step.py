@@ -398,11 +398,11 @@ def _fvae_setup(spec, params):
     import jax
     import jax.numpy as jnp
 
-    from fvae_core.lpips import load_lpips
-    from fvae_core.train_steps import activation_elements, compile_step
+    from fvae_core.train_steps import activation_elements, compile_step, release_host_memory
 
+    release_host_memory()  # after the weights are built, as fvae_core.runs.train does
     trainer = _fvae_trainer(spec)
-    lp = load_lpips(spec["lpips_net"])
+    lp = trainer.step_lpips(spec["lpips_net"], spec["size"])
     state = trainer.init_state(params, jax.random.PRNGKey(1), image_size=spec["size"])
     state = state.replace(step=jnp.asarray(spec["step"], jnp.int32))
     assert trainer.phase_for_step(spec["step"]) == "adversarial"

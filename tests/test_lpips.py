@@ -290,3 +290,44 @@ def test_split_features_equal_the_distance(net, pair):
                                                net=net))
         np.testing.assert_allclose(split, whole, rtol=rtol, atol=1e-7)
     assert np.all(whole > 0)
+
+
+@pytest.mark.parametrize("net", NETS)
+def test_model_loaded_for_one_size_holds_only_what_that_size_runs(net, pair):
+    """``load_lpips(net, image_size=...)`` drops, per conv, the kernel or the Winograd transform that LPIPS at
+    that size does not run: the same program (distances and image gradients bitwise equal to the full
+    model's), fewer resident bytes, and a clear error at any other size or dtype."""
+    x, y = pair
+    full, sized = load_lpips(net), load_lpips(net, image_size=(48, 64))
+    assert load_lpips(net, image_size=(48, 64)) is sized and sized is not full
+    np.testing.assert_array_equal(np.asarray(lpips_distance(full, x, y)), np.asarray(lpips_distance(sized, x, y)))
+    grad = lambda m: jax.jit(jax.grad(lambda b: jnp.sum(lpips_distance(m, x, b, check=False))))(y)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(grad(full)), np.asarray(grad(sized)))
+    backbone = f"{'VGG16' if net == 'vgg16' else 'AlexNet'}_0"
+    dropped = 0
+    for i, (u_full, u) in enumerate(zip(full.winograd_kernels, sized.winograd_kernels)):
+        kernel = sized.params[backbone][f"Conv_{i}"]["kernel"]
+        assert (kernel is None) != (u is None), (net, i)  # exactly one of the two
+        # every conv that has a transform runs it at 48x64 (<= 4096 pixels, float32)
+        assert (u is None) == (u_full is None), (net, i)
+        if kernel is None:
+            dropped += full.params[backbone][f"Conv_{i}"]["kernel"].nbytes
+    nbytes = lambda m: sum(a.nbytes for a in jax.tree_util.tree_leaves(m))  # noqa: E731
+    assert dropped > 0 and nbytes(full) - nbytes(sized) == dropped
+    with pytest.raises(ValueError, match="loaded for 48x64 float32 images only"):
+        lpips_distance(sized, x[:, :32], y[:, :32])
+    with pytest.raises(ValueError, match="got 48x64 bfloat16"):
+        lpips_distance(sized, x, y, dtype=jnp.bfloat16)
+
+
+def test_model_loaded_for_256px_or_bf16_keeps_the_direct_kernels_it_runs():
+    """VGG16 at 256^2: the convs on 256^2 and 128^2 inputs (more than 4096 pixels) run direct, the deeper
+    nine as Winograd; in bfloat16 nothing runs as Winograd, so every original kernel is kept."""
+    m = load_lpips("vgg16", image_size=(256, 256))
+    assert [u is not None for u in m.winograd_kernels] == [False] * 4 + [True] * 9
+    assert [m.params["VGG16_0"][f"Conv_{i}"]["kernel"] is None for i in range(13)] == [False] * 4 + [True] * 9
+    bf = load_lpips("vgg16", image_size=(64, 64), dtype=jnp.bfloat16)
+    assert all(u is None for u in bf.winograd_kernels)
+    assert all(bf.params["VGG16_0"][f"Conv_{i}"]["kernel"] is not None for i in range(13))
+    with pytest.raises(ValueError, match="larger images"):
+        load_lpips("vgg16", image_size=(8, 8))

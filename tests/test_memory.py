@@ -75,9 +75,11 @@ def test_step_compiler_options_by_size_and_dropped_when_unknown(monkeypatch):
     small = T.activation_elements(CFG, 8, 64)
     both = {**T.STEP_COMPILER_OPTIONS, **T.LARGE_STEP_COMPILER_OPTIONS}
     assert len(both) == 2  # this jaxlib knows both options
+    assert T.step_compiler_options(small) == both  # default: memory first at every size
+    monkeypatch.setattr(T, "MEMORY_SCHEDULER_MIN_ELEMENTS", 1 << 22)  # the speed-first setting for small steps
     assert T.step_compiler_options(big) == both
     assert T.step_compiler_options(None) == both
-    assert T.step_compiler_options(small) == T.STEP_COMPILER_OPTIONS  # default scheduler (faster there)
+    assert T.step_compiler_options(small) == T.STEP_COMPILER_OPTIONS  # XLA's default scheduler
     T._options_known.cache_clear()
     monkeypatch.setattr(T, "LARGE_STEP_COMPILER_OPTIONS", {"xla_no_such_option_for_fvae": "1"})
     try:
@@ -116,8 +118,10 @@ def test_grads_first_keeps_values_and_gradients_and_ties_the_input_gradient():
 
 def test_step_fn_compiles_with_the_options_for_its_batch_size(monkeypatch):
     """``Trainer.step_fn`` measures the batch it is called with (micro-batch, crop height and width) and
-    jits with that size's compiler options, as ``fvae train`` does: a tiny-cpu batch gets XLA's default
-    scheduler, an sd-vae-ft-mse-size one the memory-optimised one, each jitted once."""
+    jits with that size's compiler options, as ``fvae train`` does. With the speed-first threshold a tiny-cpu
+    batch gets XLA's default scheduler and an sd-vae-ft-mse-size one the memory-optimised one, each jitted
+    once."""
+    monkeypatch.setattr(T, "MEMORY_SCHEDULER_MIN_ELEMENTS", 1 << 22)
     calls = []
 
     def fake_jit_step(fn, activation_elements=None, **kw):

@@ -99,6 +99,17 @@ def test_generator_gradient_equals_plain_autodiff_of_total_loss(lp, batch):
     assert abs(w * n_adv / n_rec - 0.5) < 1e-3
 
 
+def test_step_lpips_is_the_model_for_the_step_crop_and_dtype():
+    """``Trainer.step_lpips`` is LPIPS loaded for the crop (non-square too) and the recipe's compute dtype,
+    and None when the recipe has no LPIPS term."""
+    from dataclasses import replace
+
+    assert Trainer(BASE, CFG).step_lpips("alexnet", 32) is load_lpips("alexnet", image_size=(32, 32))
+    bf16 = Trainer(replace(BASE, compute_dtype="bfloat16"), CFG)
+    assert bf16.step_lpips("vgg16", 48, 64).only_for == (48, 64, "bfloat16")
+    assert Trainer(replace(BASE, lpips_weight=0.0), CFG).step_lpips("vgg16", 32) is None
+
+
 def test_last_layer_grad_equals_xla_kernel_gradient(monkeypatch):
     """The adaptive weight's dL/dW of conv_out against XLA's own kernel gradient of a lax conv."""
     from fvae_core.train_steps import _last_layer_grad
