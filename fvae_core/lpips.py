@@ -178,19 +178,17 @@ def _load_cached(net: str, only_for: tuple | None) -> LPIPSModel:
     if bad:
         raise ValueError(f"load_lpips({net!r}): wrong shapes {bad}, expected {dict((k, want[k]) for k in bad)}")
     arch = _ARCHS[net]
-    wino = [_same(cv) and winograd_fits(k, jnp.float32) for cv, k in zip(arch.convs, _kernel_shapes(arch))]
-    keep_direct = [True] * len(arch.convs)
-    if only_for is not None:
-        h, w, dtype = only_for
-        runs = _winograd_plan(arch, h, w, jnp.dtype(dtype))
-        wino = [a and b for a, b in zip(wino, runs)]
-        keep_direct = [not r for r in wino]
+    if only_for is None:  # every conv that may run as Winograd at some size gets its transform
+        wino = [_same(cv) and winograd_fits(k, jnp.float32) for cv, k in zip(arch.convs, _kernel_shapes(arch))]
+    else:
+        wino = _winograd_plan(arch, *only_for[:2], jnp.dtype(only_for[2]))
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), raw)
     convs = params[arch.backbone]
     u = tuple(winograd_kernel(convs[f"Conv_{i}"]["kernel"]) if use else None for i, use in enumerate(wino))
-    for i, keep in enumerate(keep_direct):
-        if not keep:  # runs as Winograd at this size: the kernel itself is never read
-            convs[f"Conv_{i}"]["kernel"] = None
+    if only_for is not None:
+        for i, use in enumerate(wino):
+            if use:  # runs as Winograd at this size: the kernel itself is never read
+                convs[f"Conv_{i}"]["kernel"] = None
     return LPIPSModel(params=params, net=net, winograd_kernels=u, only_for=only_for)
 
 
