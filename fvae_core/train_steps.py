@@ -312,9 +312,10 @@ def _kl_term(post, image_shape) -> jax.Array:
 #: tiny 0.95 vs 0.96 s) and compile in about 1.3 GB less peak memory (jax 0.10, 2-core EPYC;
 #: ``benchmarks/RESULTS.md``). Options named ``xla_cpu_*`` are ignored by other backends.
 STEP_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
-#: Added for large steps. XLA:CPU's default scheduler orders the step's ops for concurrency at the cost of
-#: memory; the memory-optimised one cut the sd-vae-ft-mse step's temp buffers from 9.8 to 7.7 GiB at B4,
-#: 256^2, fp32 at the same step time. At tiny-cpu (B8, 64^2, 32 channels) it cuts them from 282 to 183 MB
+#: Added for steps of at least :data:`MEMORY_SCHEDULER_MIN_ELEMENTS` (by default every step; the name is from
+#: when only large ones got it). XLA:CPU's default scheduler orders the step's ops for concurrency at the
+#: cost of memory; the memory-optimised one cut the sd-vae-ft-mse step's temp buffers from 9.8 to 7.7 GiB at
+#: B4, 256^2, fp32 at the same step time. At tiny-cpu (B8, 64^2, 32 channels) it cuts them from 282 to 183 MB
 #: and the process's peak RSS by about 90 MB, for a step about 5% slower.
 LARGE_STEP_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 #: Steps whose decoder output layer holds fewer activation elements than this (micro-batch x crop^2 x
