@@ -19,9 +19,20 @@ and the last step's losses. MFU = FLOPs per step / time per step / the bf16 matm
 custom conv gradient off; see ``train_step._loop_free_flops``) and torch's ``FlopCounterMode`` (eager).
 The card's run (150k steps at batch 32) is extrapolated from the back-to-back time per step.
 
-fvae is run twice: with the default conv gradient (XLA's, i.e. cuDNN, on GPU) and with
-``fvae_core.conv``'s custom kernel gradient forced on (the CPU choice) -- this is the measurement behind
-``fvae_core.conv.CUSTOM_GRAD_BACKENDS``.
+fvae runs as the backend chooses (``fvae``), and in named configurations whatever the defaults (each child
+records which of the choices it ran with):
+
+* ``fvae-subpixel``: diffusers' ``Upsample2D`` as four 2x2 convs at the input's resolution
+  (``fvae_core.autoencoder.SUBPIXEL_BACKENDS``, 4/9 of those convs' FLOPs), with the CPU's two memory
+  devices on: each layer's input gradient tied to its parameter gradients
+  (``fvae_core.autoencoder.GRADS_FIRST_BACKENDS``) and skipped updates as a ``lax.cond``
+  (``fvae_core.train_steps.COND_UPDATE_BACKENDS``);
+* ``fvae-subpixel-lean``: the same with those two off (the GPU's defaults since 2026-11-26);
+* ``fvae-custom-grad``: ``fvae_core.conv``'s custom kernel gradient (the measurement behind
+  ``fvae_core.conv.CUSTOM_GRAD_BACKENDS``).
+
+FLOPs (counted on CPU as the GPU runs the step: no Winograd, remat or custom gradient): ``flops`` with the
+upsample-then-conv form, ``flops-subpixel`` with the sub-pixel form; each row uses the one it ran.
 
 Usage (on the GPU machine)::
 
@@ -45,7 +56,10 @@ from train_step import (TorchStep, _flops, _fvae_setup, _fvae_trainer, _images, 
 
 CARD_STEPS = 150_000
 PEAK_N = 8192
-VARIANTS = ("peak", "flops", "fvae", "torch", "fvae-custom-grad", "torch-compile")
+VARIANTS = ("peak", "flops", "flops-subpixel", "fvae", "torch", "fvae-subpixel", "fvae-subpixel-lean",
+            "fvae-custom-grad", "torch-compile")
+#: The timed variants (the rest measure the card's peak and count FLOPs).
+TIMED = VARIANTS[3:]
 
 
 def _spec_for(batch, size):
@@ -108,10 +122,27 @@ def child_peak():
     return out
 
 
-def child_flops(batch, size):
-    """fvae's FLOPs per step, counted by XLA:CPU's cost analysis of the loop-free lowering (run with
-    ``JAX_PLATFORMS=cpu``). On GPU, XLA's cost analysis gives nothing before compilation and, after it, counts
-    the cuDNN convolution custom calls as 0 FLOPs (it reported 0.83 TFLOP for a ~75 TFLOP step)."""
+def _gpu_choices(subpixel):
+    """Make this process's backend choose as the GPU does (no Winograd, remat, grads-first ties or custom
+    conv gradient), with the sub-pixel upsample if ``subpixel``; those choices are read at trace time."""
+    import jax
+
+    import fvae_core.autoencoder
+    import fvae_core.conv
+
+    here = (jax.default_backend(),)
+    fvae_core.conv.WINOGRAD_BACKENDS = ()
+    fvae_core.conv.CUSTOM_GRAD_BACKENDS = ()
+    fvae_core.autoencoder.REMAT_BACKENDS = ()
+    fvae_core.autoencoder.GRADS_FIRST_BACKENDS = ()
+    fvae_core.autoencoder.SUBPIXEL_BACKENDS = here if subpixel else ()
+
+
+def child_flops(batch, size, subpixel=False):
+    """fvae's FLOPs per step as the GPU runs it (``subpixel``: with the sub-pixel upsample), counted by
+    XLA:CPU's cost analysis of the loop-free lowering (run with ``JAX_PLATFORMS=cpu``). On GPU, XLA's cost
+    analysis gives nothing before compilation and, after it, counts the cuDNN convolution custom calls as 0
+    FLOPs (it reported 0.83 TFLOP for a ~75 TFLOP step)."""
     import jax
     import jax.numpy as jnp
 
@@ -119,6 +150,7 @@ def child_flops(batch, size):
     from fvae_core.lpips import load_lpips
 
     assert jax.default_backend() == "cpu", jax.default_backend()
+    _gpu_choices(subpixel)
     spec = _spec_for(batch, size)
     trainer = _fvae_trainer(spec)
     params = jax.eval_shape(lambda: init_params(trainer.vae_config))
@@ -129,14 +161,22 @@ def child_flops(batch, size):
     return {"flops": _loop_free_flops(trainer, state, batch_, jax.random.PRNGKey(2), load_lpips("vgg16"))}
 
 
-def child_fvae(batch, size, reps, custom_grad):
+def child_fvae(batch, size, reps, custom_grad=False, subpixel=False, lean=False):
     import jax
 
+    import fvae_core.autoencoder
     import fvae_core.conv
+    import fvae_core.train_steps
     from fvae_core.autoencoder import init_params
 
+    here = (jax.default_backend(),)
     if custom_grad:  # the CPU choice, forced on for this backend too
-        fvae_core.conv.CUSTOM_GRAD_BACKENDS = (jax.default_backend(),)
+        fvae_core.conv.CUSTOM_GRAD_BACKENDS = here
+    if subpixel:  # likewise; with the CPU's memory devices (grads-first ties, skipped updates as a cond) on,
+        # or off for -lean (each variant names one configuration, whatever the backend's defaults)
+        fvae_core.autoencoder.SUBPIXEL_BACKENDS = here
+        fvae_core.autoencoder.GRADS_FIRST_BACKENDS = () if lean else here
+        fvae_core.train_steps.COND_UPDATE_BACKENDS = () if lean else here
     spec = _spec_for(batch, size)
     params = init_params(_fvae_trainer(spec).vae_config)
     trainer, lp, state, batch_, rng, step_c, compile_s = _fvae_setup(spec, params)
@@ -161,7 +201,9 @@ def child_fvae(batch, size, reps, custom_grad):
             "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
             "losses": {k: m[k] for k in ("loss/pixel", "loss/lpips", "adaptive_weight", "critic/loss",
                                          "gen/skipped", "critic/skipped")},
-            "device": str(jax.devices()[0]), "backend": jax.default_backend()}
+            "device": str(jax.devices()[0]), "backend": jax.default_backend(),
+            "subpixel": fvae_core.autoencoder._subpixel_here(), "grads_first": fvae_core.autoencoder._grads_first_here(),
+            "cond_update": jax.default_backend() in fvae_core.train_steps.COND_UPDATE_BACKENDS}
 
 
 def child_torch(batch, size, reps, compile_):
@@ -211,17 +253,21 @@ def _report(res, batch, size):
               f"median of 10): JAX {pk / 1e12:.0f} TFLOP/s" + (f", torch {tp / 1e12:.0f} TFLOP/s" if tp else "")
               + ". MFU below is of the JAX figure, then of torch's.\n")
     flops = res.get("flops", {}).get("flops")
+    flops_subpixel = res.get("flops-subpixel", {}).get("flops")
     torch_flops = res.get("torch", {}).get("flops")
     base = res.get("torch", {}).get("pipelined_s")
     print("| variant | compile / first step | step (median, synced) | step (back-to-back) | img/s | peak mem | "
           "MFU | 150k steps | vs torch eager |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in VARIANTS[2:]:
+    for name in TIMED:
         r = res.get(name)
         if not r:
             print(f"| {name} | (not run: {res.get(name + '_error', 'skipped')}) | | | | | | | |")
             continue
-        f = flops if name.startswith("fvae") else (torch_flops or flops)
+        if name.startswith("fvae") and r.get("subpixel", name.startswith("fvae-subpixel")):
+            f = flops_subpixel  # (results from before the field: only the -subpixel variants had it)
+        else:
+            f = flops if name.startswith("fvae") else (torch_flops or flops)
         t = r["pipelined_s"]
         tp = peak.get("torch_bf16")
         mfu = (f"{f / t / pk:.0%}" + (f" / {f / t / tp:.0%}" if tp else "")) if (f and pk) else "—"
@@ -231,8 +277,9 @@ def _report(res, batch, size):
               f"{CARD_STEPS * t / 3600:.1f} h | {rel} |")
     if flops:
         print(f"\nFLOPs per step: fvae {flops / 1e12:.1f} TFLOP (XLA:CPU cost analysis of the loop-free lowering)"
+              + (f", with the sub-pixel upsample {flops_subpixel / 1e12:.1f} TFLOP" if flops_subpixel else "")
               + (f", torch {torch_flops / 1e12:.1f} TFLOP (FlopCounterMode)" if torch_flops else ""))
-    for name in VARIANTS[2:]:
+    for name in TIMED:
         if name in res:
             print(f"  {name}: last step losses {json.dumps(res[name]['losses'])}")
 
@@ -244,7 +291,7 @@ def _run_variant(v, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", v, "--batch", str(args.batch),
            "--size", str(args.size), "--reps", str(args.reps)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if v == "flops":
+    if v.startswith("flops"):
         env["JAX_PLATFORMS"] = "cpu"
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -276,10 +323,11 @@ def main(argv=None):
         v = args._child
         if v == "peak":
             out = child_peak()
-        elif v == "flops":
-            out = child_flops(args.batch, args.size)
+        elif v.startswith("flops"):
+            out = child_flops(args.batch, args.size, subpixel=v == "flops-subpixel")
         elif v.startswith("fvae"):
-            out = child_fvae(args.batch, args.size, args.reps, custom_grad=v == "fvae-custom-grad")
+            out = child_fvae(args.batch, args.size, args.reps, custom_grad=v == "fvae-custom-grad",
+                             subpixel=v.startswith("fvae-subpixel"), lean=v == "fvae-subpixel-lean")
         else:
             out = child_torch(args.batch, args.size, args.reps, compile_=v == "torch-compile")
         print(json.dumps(out), flush=True)
@@ -288,8 +336,9 @@ def main(argv=None):
     if args.from_json:
         with open(args.from_json) as f:
             res = json.load(f)
-        if "flops" not in res:
-            res["flops"] = _run_variant("flops", args)[0]
+        for v in ("flops", "flops-subpixel"):
+            if v not in res:
+                res[v] = _run_variant(v, args)[0]
         _report(res, args.batch, args.size)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -214,8 +214,22 @@ def _grads_first(fn, x, params):
     the full-resolution input, and the original reduction then stays deferred. (JAX has no control
     dependencies, and its optimisation barriers were gone from XLA:CPU's optimised HLO here.) The cost is
     one read of each parameter gradient; values are unchanged (``+ 0``), unless a gradient is non-finite,
-    when the step is skipped anyway (``train_steps.all_finite``)."""
+    when the step is skipped anyway (``train_steps.all_finite``). Only on :data:`GRADS_FIRST_BACKENDS`;
+    elsewhere plain ``fn(x, params)``."""
+    if not _grads_first_here():
+        return fn(x, params)
     return _grads_first_vjp(fn, x, params)
+
+
+def _grads_first_here() -> bool:
+    return jax.default_backend() in GRADS_FIRST_BACKENDS
+
+
+#: Backends on which :func:`_grads_first` ties each layer's input gradient to its parameter gradients. A fix
+#: for XLA:CPU's memory-optimised scheduler; on the GPU it is an extra pass over every input gradient (and
+#: the step has memory to spare): the sd-vae-ft-mse B32 bf16 step without it and with updates as ``where``
+#: (``train_steps.COND_UPDATE_BACKENDS``) took 187 instead of 193 ms on an H100 (``benchmarks/RESULTS.md``).
+GRADS_FIRST_BACKENDS = ("cpu",)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -467,8 +481,9 @@ def _upsample_nearest2x(x):
 #: the input's resolution (:func:`fvae_core.conv.upsample_conv2d`): 4/9 of the FLOPs, and the upsampled
 #: input is never built. The sd decoder's upsample convs are 28% of its forward FLOPs; on XLA:CPU their
 #: fwd+bwd went from 890 to 419 ms (512 ch, 64^2 -> 128^2) and from 1072 to 456 ms (256 ch, 128^2 -> 256^2).
-#: Not yet measured on GPU, where the step was timed with the upsample-then-conv form (``benchmarks/RESULTS.md``).
-SUBPIXEL_BACKENDS = ("cpu",)
+#: On an H100 the sd-vae-ft-mse B32 bf16 step went from 207 to 195 ms (cuDNN; ``benchmarks/RESULTS.md``).
+#: Not measured on TPU.
+SUBPIXEL_BACKENDS = ("cpu", "gpu")
 
 
 def _subpixel_here() -> bool:

@@ -483,13 +483,27 @@ def all_finite(*trees) -> jax.Array:
     return jnp.isfinite(jnp.sqrt(sum(leaves))) if leaves else jnp.asarray(True)
 
 
+#: Backends on which a skipped update is a ``lax.cond`` (:func:`_update_if`); elsewhere a ``where`` per leaf,
+#: which keeps a copy of the optimiser moments (GPU memory has room) but lets XLA:GPU schedule the update
+#: without a conditional (the predicate goes to the host first). With the grads-first tie also off
+#: (``autoencoder.GRADS_FIRST_BACKENDS``) the sd-vae-ft-mse B32 bf16 step took 187 instead of 193 ms on an
+#: H100, peak GPU memory unchanged at 23.1 GB (``benchmarks/RESULTS.md``).
+COND_UPDATE_BACKENDS = ("cpu",)
+
+
 def _update_if(ok, update, operands):
     """``update(*operands)`` when ``ok``, else the operands unchanged (bit-identical): a skipped update.
 
-    Returns ``(new operands, update norm)``; the norm is 0 for a skipped update. A ``lax.cond`` rather than a
-    ``where`` per leaf: with ``where`` the old moments are still read after the donated buffers have been
-    overwritten, so XLA kept a copy of every Adam moment through the whole step (338 MB of the sd-vae-ft-mse
-    step's peak); inside the conditional's branch each leaf is updated in place."""
+    Returns ``(new operands, update norm)``; the norm is 0 for a skipped update. On
+    :data:`COND_UPDATE_BACKENDS` a ``lax.cond`` rather than a ``where`` per leaf: with ``where`` the old
+    moments are still read after the donated buffers have been overwritten, so XLA kept a copy of every Adam
+    moment through the whole step (338 MB of the sd-vae-ft-mse step's peak); inside the conditional's branch
+    each leaf is updated in place."""
+    if jax.default_backend() not in COND_UPDATE_BACKENDS:
+        new, norm = update(*operands)
+        keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
+        return jax.tree_util.tree_map(keep, tuple(new), tuple(operands)), jnp.where(ok, norm, 0.0)
+
     def skip(*ops):
         return ops, jnp.zeros((), jnp.float32)
 

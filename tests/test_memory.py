@@ -116,6 +116,26 @@ def test_grads_first_keeps_values_and_gradients_and_ties_the_input_gradient():
     assert np.all(np.isfinite(np.asarray(jax.vjp(fn, x, p)[1](bad_dy)[0])[1:]))
 
 
+def test_grads_first_is_plain_autodiff_off_its_backends(monkeypatch):
+    """Off :data:`GRADS_FIRST_BACKENDS` (the GPU choice: the tie costs a pass over each input gradient
+    there and buys nothing) ``_grads_first`` is ``fn`` itself: same values and gradients, and no tie (a NaN
+    in a parameter gradient stays out of the input gradient)."""
+    def fn(x, p):
+        return jnp.tanh(x * p[0] + p[1])
+
+    x = jnp.linspace(-2.0, 2.0, 6).reshape(2, 3)
+    p = (jnp.asarray(0.7), jnp.asarray([0.1, -0.2, 0.3]))
+    dy = jnp.ones((2, 3)).at[0, 0].set(jnp.inf)  # makes both parameter gradients non-finite
+    monkeypatch.setattr(A, "GRADS_FIRST_BACKENDS", ())
+    y, vjp = jax.vjp(lambda x, p: A._grads_first(fn, x, p), x, p)
+    y_ref, vjp_ref = jax.vjp(fn, x, p)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(vjp(dy)[0]), np.asarray(vjp_ref(dy)[0]))
+    assert np.all(np.isfinite(np.asarray(vjp(dy)[0])[1]))
+    monkeypatch.setattr(A, "GRADS_FIRST_BACKENDS", ("cpu",))  # the tie, for contrast
+    assert np.all(np.isnan(np.asarray(jax.vjp(lambda x, p: A._grads_first(fn, x, p), x, p)[1](dy)[0])[1]))
+
+
 def test_step_fn_compiles_with_the_options_for_its_batch_size(monkeypatch):
     """``Trainer.step_fn`` measures the batch it is called with (micro-batch, crop height and width) and
     jits with that size's compiler options, as ``fvae train`` does. With the speed-first threshold a tiny-cpu

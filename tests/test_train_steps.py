@@ -267,6 +267,36 @@ def test_nonfinite_step_is_skipped_and_leaves_the_state_bit_identical(lp, batch)
     assert float(m["gen/skipped"]) == 0.0 and np.isfinite(float(m["loss/total"]))
 
 
+def test_update_as_where_matches_the_cond_form_and_skips_bit_identically(lp, batch, monkeypatch):
+    """Off :data:`COND_UPDATE_BACKENDS` (the GPU choice) a skipped update is a ``where`` per leaf instead of a
+    ``lax.cond``: a good step gives the cond form's state (to float rounding: the two compile to different
+    fusions), and a non-finite batch still leaves the state bit-identical and counts as skipped."""
+    import fvae_core.train_steps as T
+
+    recipe = dataclasses.replace(BASE, gan="wgan-gp", critic_start=0, disc_start=0)
+    states = {}
+    for backends in (("cpu",), ()):
+        monkeypatch.setattr(T, "COND_UPDATE_BACKENDS", backends)
+        monkeypatch.setattr(T, "_JIT_CACHE", {})  # equal Trainers share a cache entry: compile this form
+        tr = Trainer(recipe, CFG)
+        init = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)  # the step donates its state
+        step = tr.step_fn("adversarial", lp)
+        states[backends], m = step(init, batch, jax.random.PRNGKey(0))
+        assert float(m["gen/skipped"]) == 0.0 and float(m["critic/update_norm"]) > 0.0
+    # Adam's first step moves each weight by about lr = 2e-3 whatever its gradient's size, so a weight whose
+    # gradient is near Adam's eps moves by an amount that float rounding changes: measured 3e-5 at most. A
+    # missing or stale update would be off by about lr; the tolerance is 1/20 of it.
+    for a, b in zip(_leaves(states[("cpu",)]), _leaves(states[()])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=0.05 * BASE.lr)
+    state = states[()]
+    before = _leaves(state.replace(step=0))
+    bad = {"image": batch["image"].at[1, 7, 2, 0].set(jnp.inf)}
+    state, m = step(state, bad, jax.random.PRNGKey(1))
+    assert float(m["gen/skipped"]) == 1.0 and float(m["critic/skipped"]) == 1.0
+    assert float(m["gen/update_norm"]) == 0.0 and float(m["critic/update_norm"]) == 0.0
+    assert all(np.array_equal(a, b) for a, b in zip(before, _leaves(state.replace(step=0))))
+
+
 @pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan])
 def test_all_finite_flags_any_nonfinite_element_and_accepts_huge_finite_ones(bad):
     """The NaN guard's flag, checked against numpy: one inf or NaN anywhere (any leaf, any dtype) makes it
