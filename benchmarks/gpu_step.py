@@ -123,18 +123,18 @@ def child_peak():
 
 
 def _gpu_choices(subpixel):
-    """Make this process's backend choose as the GPU does (no Winograd, remat, grads-first ties or custom
-    conv gradient), with the sub-pixel upsample if ``subpixel``; those choices are read at trace time."""
+    """Make this process's backend choose as the GPU does (each ``*_BACKENDS`` rule that changes the step's
+    FLOPs, read for ``"gpu"``: today no Winograd, remat, grads-first ties or custom conv gradient), with the
+    sub-pixel upsample if ``subpixel``; those choices are read at trace time."""
     import jax
 
     import fvae_core.autoencoder
     import fvae_core.conv
 
     here = (jax.default_backend(),)
-    fvae_core.conv.WINOGRAD_BACKENDS = ()
-    fvae_core.conv.CUSTOM_GRAD_BACKENDS = ()
-    fvae_core.autoencoder.REMAT_BACKENDS = ()
-    fvae_core.autoencoder.GRADS_FIRST_BACKENDS = ()
+    for mod, name in ((fvae_core.conv, "WINOGRAD_BACKENDS"), (fvae_core.conv, "CUSTOM_GRAD_BACKENDS"),
+                      (fvae_core.autoencoder, "REMAT_BACKENDS"), (fvae_core.autoencoder, "GRADS_FIRST_BACKENDS")):
+        setattr(mod, name, here if "gpu" in getattr(mod, name) else ())
     fvae_core.autoencoder.SUBPIXEL_BACKENDS = here if subpixel else ()
 
 
@@ -203,7 +203,7 @@ def child_fvae(batch, size, reps, custom_grad=False, subpixel=False, lean=False)
                                          "gen/skipped", "critic/skipped")},
             "device": str(jax.devices()[0]), "backend": jax.default_backend(),
             "subpixel": fvae_core.autoencoder._subpixel_here(), "grads_first": fvae_core.autoencoder._grads_first_here(),
-            "cond_update": jax.default_backend() in fvae_core.train_steps.COND_UPDATE_BACKENDS}
+            "cond_update": fvae_core.train_steps._cond_update_here()}
 
 
 def child_torch(batch, size, reps, compile_):

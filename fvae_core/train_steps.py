@@ -491,6 +491,10 @@ def all_finite(*trees) -> jax.Array:
 COND_UPDATE_BACKENDS = ("cpu",)
 
 
+def _cond_update_here() -> bool:
+    return jax.default_backend() in COND_UPDATE_BACKENDS
+
+
 def _update_if(ok, update, operands):
     """``update(*operands)`` when ``ok``, else the operands unchanged (bit-identical): a skipped update.
 
@@ -499,7 +503,7 @@ def _update_if(ok, update, operands):
     moments are still read after the donated buffers have been overwritten, so XLA kept a copy of every Adam
     moment through the whole step (338 MB of the sd-vae-ft-mse step's peak); inside the conditional's branch
     each leaf is updated in place."""
-    if jax.default_backend() not in COND_UPDATE_BACKENDS:
+    if not _cond_update_here():
         new, norm = update(*operands)
         keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
         return jax.tree_util.tree_map(keep, tuple(new), tuple(operands)), jnp.where(ok, norm, 0.0)
