@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,3 +255,17 @@ def test_resume_errors_and_occupied_run_dir(cache, tmp_path, capsys, straight):
     assert "not a run directory" in capsys.readouterr().err
     assert cli.main(["train", "--config", "smoke", "--run-dir", str(straight), "--quiet"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_resume_with_another_state_layout_is_a_one_line_error(cache, tmp_path, capsys, straight, monkeypatch):
+    """A checkpoint whose optimiser state is laid out differently (here: written with the small leaves packed,
+    read back by a build that packs none, as a checkpoint of an older fvae would be) is refused in one line,
+    not with orbax's tree diff."""
+    import fvae_core.train_steps as T
+
+    run = tmp_path / "copy"
+    shutil.copytree(straight, run)
+    monkeypatch.setattr(T, "SMALL_LEAF_ELEMENTS", 0)
+    assert cli.main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another train-state layout" in err and len(err.splitlines()) == 1, err

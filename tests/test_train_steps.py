@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fvae_core.autoencoder import AutoencoderKL, VAEConfig, init_params
@@ -14,8 +15,8 @@ from fvae_core.critic import critic_input
 from fvae_core.data import skimage_photo
 from fvae_core.losses import adaptive_gan_weight, pixel_loss
 from fvae_core.lpips import load_lpips, lpips_distance
-from fvae_core.train_steps import (RecipeConfig, Trainer, all_finite, ema_decay_for_batch, ema_update,
-                                   generator_grads, make_optimizer, merge_params)
+from fvae_core.train_steps import (SMALL_LEAF_ELEMENTS, RecipeConfig, Trainer, all_finite, ema_decay_for_batch,
+                                   ema_update, generator_grads, make_optimizer, merge_params, tree_norm)
 
 E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
 CFG = VAEConfig(block_out_channels=(16, 32), down_block_types=(E,) * 2, up_block_types=(D,) * 2,
@@ -246,6 +247,53 @@ def test_optimizer_warmup_and_clipping_against_hand_computed_adam():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
 
+def _mixed_tree(n_small: int, seed: int = 0) -> dict:
+    r = np.random.default_rng(seed)
+    small = {f"s{i}": jnp.asarray(r.standard_normal((3, i + 1)), jnp.float32) for i in range(n_small)}
+    return {"small": small, "big": jnp.asarray(r.standard_normal((SMALL_LEAF_ELEMENTS + 7,)), jnp.float32),
+            "half": jnp.asarray(r.standard_normal((4,)), jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_small_leaves_are_updated_as_one_vector_exactly_as_the_tree(clip):
+    """make_optimizer updates the float32 leaves of at most SMALL_LEAF_ELEMENTS elements as one vector
+    (pack_small_leaves). Its updates are optax's AdamW (+ global-norm clip, weight decay) on the tree itself,
+    step after step; large and non-float32 leaves stay leaves of the state; and the update program does not
+    grow with the number of small leaves (one Adam square root for all of them)."""
+    params, grads = _mixed_tree(6, 0), _mixed_tree(6, 1)
+    tx = make_optimizer(1e-2, warmup_steps=2, b1=0.5, b2=0.9, weight_decay=0.01, grad_clip=clip)
+    ref = optax.chain(*([optax.clip_by_global_norm(clip)] if clip else []),
+                      optax.adamw(optax.linear_schedule(0.0, 1e-2, 2), b1=0.5, b2=0.9, weight_decay=0.01))
+    state, ref_state = tx.init(params), ref.init(params)
+    for t in range(4):
+        g = jax.tree_util.tree_map(lambda x, t=t: x * (t + 1.0), grads)
+        got, state = jax.jit(tx.update)(g, state, params)
+        want, ref_state = jax.jit(ref.update)(g, ref_state, params)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(params)
+        for a, b in zip(_leaves(got), _leaves(want)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            # the clip's global norm is summed in another order: a rounding of the scale, nothing more
+            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-6, atol=0)
+        params = optax.apply_updates(params, got)
+    adam = next(s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu"))
+    assert adam.mu["small"].shape == (sum(3 * (i + 1) for i in range(6)),)
+    assert [x.shape for x in adam.mu["big"]] == [(SMALL_LEAF_ELEMENTS + 7,), (4,)]  # tree order: big, half
+
+    def sqrt_count(n_small):
+        p = _mixed_tree(n_small)
+        tx = make_optimizer(1e-2)
+        jaxpr = jax.make_jaxpr(tx.update)(p, tx.init(p), p)
+        return sum(e.primitive.name == "sqrt" for e in jaxpr.jaxpr.eqns)
+
+    assert sqrt_count(3) == sqrt_count(40) == 3  # the small vector, the big leaf, the bfloat16 leaf
+
+
+def test_tree_norm_is_optax_norm_over_small_and_large_leaves():
+    tree = _mixed_tree(5, 3)
+    np.testing.assert_allclose(float(tree_norm(tree)), float(optax.tree.norm(tree)), rtol=1e-6)
+    assert float(tree_norm({})) == 0.0
+
+
 def test_nonfinite_step_is_skipped_and_leaves_the_state_bit_identical(lp, batch):
     """NaN guard: a batch with a NaN pixel makes the loss and gradients non-finite; the generator and critic
     updates are skipped (params, moments, EMA, critic untouched) and counted in the metrics."""
@@ -297,14 +345,21 @@ def test_update_as_where_matches_the_cond_form_and_skips_bit_identically(lp, bat
     assert all(np.array_equal(a, b) for a, b in zip(before, _leaves(state.replace(step=0))))
 
 
+@pytest.mark.parametrize("where", ["bf16", "small", "big"])
 @pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan])
-def test_all_finite_flags_any_nonfinite_element_and_accepts_huge_finite_ones(bad):
-    """The NaN guard's flag, checked against numpy: one inf or NaN anywhere (any leaf, any dtype) makes it
-    False; values near float32's max stay True (a norm-based shortcut would overflow there and fail)."""
+def test_all_finite_flags_any_nonfinite_element_and_accepts_huge_finite_ones(bad, where):
+    """The NaN guard's flag, checked against numpy: one inf or NaN anywhere (a bfloat16 leaf, a small
+    float32 leaf, which is checked inside the packed vector, or a large one) makes it False; values near
+    float32's max stay True (a norm-based shortcut would overflow there and fail)."""
     tree = {"a": jnp.full((3, 4), 3.0e38, jnp.float32), "b": [jnp.arange(5), jnp.ones((2,), jnp.bfloat16)],
-            "c": jnp.asarray(-2.5e38, jnp.float32)}
+            "c": jnp.asarray(-2.5e38, jnp.float32), "d": jnp.full((SMALL_LEAF_ELEMENTS + 1,), 1.0e38)}
     if bad is not None:
-        tree["b"][1] = tree["b"][1].at[1].set(bad)
+        if where == "bf16":
+            tree["b"][1] = tree["b"][1].at[1].set(bad)
+        elif where == "small":
+            tree["a"] = tree["a"].at[2, 1].set(bad)
+        else:
+            tree["d"] = tree["d"].at[-1].set(bad)
     expected = all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree_util.tree_leaves(tree))
     assert expected == (bad is None)
     assert bool(jax.jit(all_finite)(tree, jnp.asarray(1.0))) == expected
