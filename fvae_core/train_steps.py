@@ -545,7 +545,8 @@ def all_finite(*trees) -> jax.Array:
     producers into each consumer, and this flag guards every leaf of the new state. Written as 106 per-leaf
     ``and``s, that chain was copied into each of the 427 update fusions of the tiny-cpu step: 160k lines of
     optimised HLO, 4 s of compile time and 200 MB of compile memory. XLA does not duplicate an expensive op
-    like ``sqrt``, so the flag is computed once (68k lines)."""
+    like ``sqrt``, so the flag is computed once (68k lines). The leaves are read packed (:func:`_pack`): the
+    small float32 leaves as one vector, the same one the optimiser updates."""
     leaves = [jnp.sum(x.astype(jnp.float32) * 0.0) for t in trees for x in jax.tree_util.tree_leaves(_pack(t))]
     return jnp.isfinite(jnp.sqrt(sum(leaves))) if leaves else jnp.asarray(True)
 
