@@ -35,14 +35,24 @@ class Checkpoints:
 
     def restore(self, like_state, step: int | None = None):
         """-> (state, extra) of ``step`` (default: the latest), with the shapes, dtypes and shardings of
-        ``like_state`` (an initialised state of the same run)."""
+        ``like_state`` (an initialised state of the same run). A checkpoint whose state tree is laid out
+        otherwise (another fvae version's optimiser state, say) is a one-line :class:`ConfigError`."""
+        from fvae_core.runs.config import ConfigError
+
         ocp = self._ocp
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.folder}: no checkpoint to resume from")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
-        out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                extra=ocp.args.JsonRestore()))
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                    extra=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "do not match" not in str(e):  # orbax's tree-structure mismatch
+                raise
+            raise ConfigError(f"{self.folder}: checkpoint {step} holds another train-state layout than this fvae "
+                              "builds for its config (written by another fvae version?); resume it with that "
+                              "version, or start a new run") from e
         return out["state"], dict(out["extra"])
 
     def close(self) -> None:

@@ -276,14 +276,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
     ckpts = Checkpoints(ckpt_dir, cfg.keep_ckpts)
     start, extra = 0, {}
     if resume:
-        try:
-            state, extra = ckpts.restore(state)
-        except ValueError as e:
-            if "do not match" not in str(e):
-                raise
-            raise ConfigError(f"{run_dir}: its checkpoint holds another train-state layout than this fvae builds for "
-                              "its config (written by another fvae version?); resume it with that version, or "
-                              "start a new run") from e
+        state, extra = ckpts.restore(state)
         start = int(jax.device_get(state.step))
         log(f"resuming {run_dir} at step {start}")
     lpips = trainer.step_lpips(cfg.lpips_net, cfg.data.crop)
