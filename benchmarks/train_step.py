@@ -692,6 +692,11 @@ def _report(results, peak, args, total):
           f"({TORCH_THREADS} threads), {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
           f"python {platform.python_version()}. Medians; fvae/torch is a time (or memory) ratio, below 1 means "
           f"fvae is faster (smaller). fvae: Trainer.raw_step('adversarial'), state donated, from step = disc_start.")
+    alloc = {res.get("host_allocator") for res in results.values()}
+    alloc |= {res["rss_fvae"].get("host_allocator") for res in results.values() if "rss_fvae" in res}
+    print(f"Host allocator of the fvae processes (as `fvae train`, `train_steps.tune_host_allocator`): "
+          f"{'; '.join(sorted(a for a in alloc if a))}. The timing child runs both frameworks in one process, so "
+          f"torch's timed steps share it; torch's peak-RSS child keeps glibc's default.")
     if peak:
         print(f"Matmul peak measured here ({PEAK_N}³ fp32, median of 5): JAX {peak['jax_fp32'] / 1e9:.0f} GFLOP/s, "
               f"torch {peak['torch_fp32'] / 1e9:.0f} GFLOP/s. Fractions below are of the JAX peak.\n")
@@ -797,10 +802,16 @@ def main(argv=None):
             out = _child_peak()
         else:
             spec = json.loads(args._spec)
+            host_allocator = None
+            if args._child in ("time", "rss-fvae"):  # as `fvae train`, before jax (or torch) starts threads
+                from fvae_core.train_steps import tune_host_allocator
+
+                host_allocator = tune_host_allocator()
             if args._child == "time":
                 out = _child_time(spec, args.reps, not args.no_breakdown, not args.no_torch_flops)
             else:
                 out = _child_rss(spec, args._child.split("-")[1])
+            out["host_allocator"] = host_allocator
         print(json.dumps(out), flush=True)
         return
 

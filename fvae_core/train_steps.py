@@ -439,6 +439,83 @@ def release_host_memory() -> None:
         pass
 
 
+#: glibc's malloc for a process that trains on the CPU (:func:`tune_host_allocator`): one arena, chunks above
+#: 32 MiB (glibc's largest threshold) mmapped, and no automatic trimming.
+HOST_MALLOC_ARENAS = 1
+HOST_MMAP_THRESHOLD = 32 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt's parameter numbers, <malloc.h>
+
+
+def _accelerator_plugins() -> list[str]:
+    """The jax PJRT plugins (and libtpu) installed here, found as jax finds them, without importing them."""
+    import importlib.metadata
+    import importlib.util
+    import pkgutil
+
+    found = [ep.value for ep in importlib.metadata.entry_points(group="jax_plugins")]
+    try:
+        import jax_plugins  # a namespace package, present only where a plugin is installed
+
+        found += [name for _, name, _ in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        pass
+    if importlib.util.find_spec("libtpu") is not None:
+        found.append("libtpu")
+    return sorted(set(found))
+
+
+def tune_host_allocator() -> str:
+    """Set glibc's malloc up for a process that trains on the CPU. Returns what it did, in one line.
+
+    * One arena (``M_ARENA_MAX`` = :data:`HOST_MALLOC_ARENAS`) instead of up to 8 per core. XLA:CPU's worker
+      threads allocate the step's buffers, each from its own arena, and memory one arena frees is not
+      reused by another.
+    * Chunks above :data:`HOST_MMAP_THRESHOLD` mmapped (``M_MMAP_THRESHOLD``, glibc's largest), the rest
+      from the heap, which is never trimmed automatically (``M_TRIM_THRESHOLD`` = -1): what a step frees
+      is there for the next one. :func:`release_host_memory` still trims on purpose after a compile.
+
+    Tiny-cpu, six paired runs of 20 steps (``benchmarks/RESULTS.md``, ninth round): peak RSS 798-804
+    against 850-854 MB, the compile's peak 727-735 against 837-852 MB; the step 2% slower (431-437 against
+    414-428 ms, one arena alone: 445-453 ms), the compile 4-8 s slower (lock contention).
+
+    glibc fixes the arena limit at a thread's first ``malloc``, so this acts only before jax's backends
+    start (their threads then allocate): call it first thing in a process that owns its work (``fvae
+    train``, the benchmarks). It does nothing, and says why, when jax's backends are already running (a
+    notebook, the tests), where an accelerator plugin could take the step (a GPU's host threads and the
+    data loader are left alone), or where the C library is not glibc.
+
+    Not done: all buffers from the heap (``M_MMAP_MAX`` = 0). It takes the page faults of the step's large
+    buffers away (sd-vae-ft-mse B4: 33.5 -> 26.6 s a step, 4.9M -> 300 faults), but the heap then
+    fragments: at B1 the peak grew by one temp buffer (3.2 -> 4.6 GB) at the 11th step."""
+    import ctypes
+    import platform
+
+    from jax._src import xla_bridge
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "host allocator left as is: not glibc"
+    if xla_bridge.backends_are_initialized():
+        return "host allocator left as is: jax's backends are already running"
+    platforms = jax.config.jax_platforms
+    if platforms:
+        if {p.strip() for p in platforms.split(",") if p.strip()} != {"cpu"}:
+            return f"host allocator left as is: jax_platforms={platforms!r} is not CPU-only"
+    else:
+        plugins = _accelerator_plugins()
+        if plugins:
+            return f"host allocator left as is: accelerator plugins installed ({', '.join(plugins)})"
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        ok = [mallopt(_M_ARENA_MAX, HOST_MALLOC_ARENAS), mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD),
+              mallopt(_M_TRIM_THRESHOLD, -1)] == [1, 1, 1]
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        return "host allocator left as is: mallopt refused"
+    return (f"glibc malloc: {HOST_MALLOC_ARENAS} arena, mmap above {HOST_MMAP_THRESHOLD >> 20} MiB, "
+            "no automatic trim")
+
+
 def compile_step(fn, args, activation_elements: int | None = None, **jit_kw):
     """:func:`jit_step` compiled ahead of time for ``args``. jax's caches are dropped (``jax.clear_caches``)
     and the freed heap is returned (:func:`release_host_memory`) both before and after the compile.

@@ -162,3 +162,72 @@ def test_step_fn_compiles_with_the_options_for_its_batch_size(monkeypatch):
     _, opts = step("state", large, None)
     assert calls[-1] == T.activation_elements(CFG, 8, 512) >= T.MEMORY_SCHEDULER_MIN_ELEMENTS
     assert opts == T.step_compiler_options(None) and len(calls) == 2
+
+
+# ---- the host allocator (fresh interpreters: in this one jax's backends are already running) ----------------
+_ARENA_PROBE = r"""
+import ctypes, json, os, sys, tempfile
+from fvae_core.train_steps import tune_host_allocator
+if sys.argv[1] == "jax-first":
+    import jax.numpy as jnp
+    jnp.ones(3).block_until_ready()
+said = tune_host_allocator() if sys.argv[1] != "untuned" else None
+if sys.argv[1] == "said-only":
+    print(json.dumps({"said": said}))
+    sys.exit()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.tanh(x @ x.T) + 1.0)
+for _ in range(4):  # XLA:CPU's worker threads run these and allocate their outputs
+    f(jnp.ones((512, 512))).block_until_ready()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+path = os.path.join(tempfile.mkdtemp(), "malloc_info.xml")
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(json.dumps({"said": said, "arenas": open(path).read().count("<heap nr=")}))
+"""
+
+
+def _arena_probe(first: str, **env):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, first], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _glibc_cpu_only():
+    import platform
+
+    import pytest
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    if T._accelerator_plugins():
+        pytest.skip(f"accelerator plugins installed: {T._accelerator_plugins()}")
+
+
+def test_tune_host_allocator_gives_the_process_one_malloc_arena():
+    _glibc_cpu_only()
+    untuned = _arena_probe("untuned")
+    assert untuned["arenas"] > 1  # XLA's worker threads allocate from arenas of their own (else this tests nothing)
+    tuned = _arena_probe("tuned")
+    assert tuned["said"] == "glibc malloc: 1 arena, mmap above 32 MiB, no automatic trim"
+    assert tuned["arenas"] == T.HOST_MALLOC_ARENAS == 1
+
+
+def test_tune_host_allocator_says_why_it_leaves_the_allocator_alone():
+    _glibc_cpu_only()
+    late = _arena_probe("jax-first")
+    assert late["said"] == "host allocator left as is: jax's backends are already running"
+    assert late["arenas"] > 1
+    gpu = _arena_probe("said-only", JAX_PLATFORMS="cuda,cpu")
+    assert gpu["said"] == "host allocator left as is: jax_platforms='cuda,cpu' is not CPU-only"
+    jnp.ones(3).block_until_ready()  # in this process jax's backends are running now: a no-op, said so
+    assert T.tune_host_allocator() == "host allocator left as is: jax's backends are already running"

@@ -87,6 +87,7 @@ def test_straight_run_writes_a_complete_run_dir(straight):
     assert final["step"] == 6 and np.isfinite(final["final"]["val_ema/psnr"])
     env = json.loads((straight / "environment.json").read_text())
     assert env["versions"]["jax"] and env["devices"]
+    assert env["host_allocator"].startswith(("glibc malloc: ", "host allocator left as is: "))  # what it did, said
     # keep_ckpts of the smoke preset
     assert sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit()) == [5, 6]
 

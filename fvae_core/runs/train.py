@@ -242,9 +242,10 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
     from fvae_core.runs.checkpoint import Checkpoints
     from fvae_core.runs.log import RunLog, environment_record
     from fvae_core.train_steps import (Trainer, activation_elements, compile_step, merge_params,
-                                       release_host_memory)
+                                       release_host_memory, tune_host_allocator)
 
     t_start = time.perf_counter()
+    host_allocator = tune_host_allocator()  # first: it acts only before jax's backends start
     run_dir = Path(run_dir)
     enable_compilation_cache()
     # ---- everything that can fail on a config, before any compute ----
@@ -261,7 +262,8 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
     ckpt_dir = run_dir / "checkpoints"
     if not resume:
         _prepare_run_dir(run_dir, cfg)
-    env = environment_record() | {"data_dir": str(data_dir), "mesh_devices": int(mesh.devices.size)}
+    env = environment_record() | {"data_dir": str(data_dir), "mesh_devices": int(mesh.devices.size),
+                                  "host_allocator": host_allocator}
     _write_json(run_dir / ("environment.json" if not resume else "environment.resume.json"), env)
 
     # ---- model, state, shardings ----
