@@ -474,9 +474,10 @@ def tune_host_allocator() -> str:
       from the heap, which is never trimmed automatically (``M_TRIM_THRESHOLD`` = -1): what a step frees
       is there for the next one. :func:`release_host_memory` still trims on purpose after a compile.
 
-    Tiny-cpu, six paired runs of 20 steps (``benchmarks/RESULTS.md``, ninth round): peak RSS 798-804
-    against 850-854 MB, the compile's peak 727-735 against 837-852 MB; the step 2% slower (431-437 against
-    414-428 ms, one arena alone: 445-453 ms), the compile 4-8 s slower (lock contention).
+    Tiny-cpu, paired processes (``benchmarks/RESULTS.md``, ninth round): peak RSS 788-804 against 845-861
+    MB, the compile's peak 727-735 against 833-857 MB; in two pairs of 20 steps the step 2% slower
+    (431-437 against 414-428 ms; one arena alone: 445-453 ms) and the compile 4-8 s slower (lock
+    contention).
 
     glibc fixes the arena limit at a thread's first ``malloc``, so this acts only before jax's backends
     start (their threads then allocate): call it first thing in a process that owns its work (``fvae
