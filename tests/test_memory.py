@@ -182,11 +182,14 @@ for _ in range(4):  # XLA:CPU's worker threads run these and allocate their outp
 libc = ctypes.CDLL("libc.so.6")
 libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
 libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
-path = os.path.join(tempfile.mkdtemp(), "malloc_info.xml")
-stream = libc.fopen(path.encode(), b"w")
-libc.malloc_info(0, stream)
-libc.fclose(stream)
-print(json.dumps({"said": said, "arenas": open(path).read().count("<heap nr=")}))
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "malloc_info.xml")
+    stream = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    with open(path) as f:
+        arenas = f.read().count("<heap nr=")
+print(json.dumps({"said": said, "arenas": arenas}))
 """
 
 
