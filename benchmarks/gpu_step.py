@@ -29,7 +29,10 @@ records which of the choices it ran with):
   (``fvae_core.train_steps.COND_UPDATE_BACKENDS``);
 * ``fvae-subpixel-lean``: the same with those two off (the GPU's defaults since 2026-11-26);
 * ``fvae-custom-grad``: ``fvae_core.conv``'s custom kernel gradient (the measurement behind
-  ``fvae_core.conv.CUSTOM_GRAD_BACKENDS``).
+  ``fvae_core.conv.CUSTOM_GRAD_BACKENDS``);
+* ``fvae-unpacked``: the backend's defaults with every optimiser leaf updated on its own
+  (``fvae_core.train_steps.SMALL_LEAF_ELEMENTS`` = -1; the default packs the small leaves into one vector,
+  a CPU-round change that also reaches the GPU).
 
 FLOPs (counted on CPU as the GPU runs the step: no Winograd, remat or custom gradient): ``flops`` with the
 upsample-then-conv form, ``flops-subpixel`` with the sub-pixel form; each row uses the one it ran.
@@ -57,7 +60,7 @@ from train_step import (TorchStep, _flops, _fvae_setup, _fvae_trainer, _images, 
 CARD_STEPS = 150_000
 PEAK_N = 8192
 VARIANTS = ("peak", "flops", "flops-subpixel", "fvae", "torch", "fvae-subpixel", "fvae-subpixel-lean",
-            "fvae-custom-grad", "torch-compile")
+            "fvae-custom-grad", "fvae-unpacked", "torch-compile")
 #: The timed variants (the rest measure the card's peak and count FLOPs).
 TIMED = VARIANTS[3:]
 
@@ -161,7 +164,7 @@ def child_flops(batch, size, subpixel=False):
     return {"flops": _loop_free_flops(trainer, state, batch_, jax.random.PRNGKey(2), load_lpips("vgg16"))}
 
 
-def child_fvae(batch, size, reps, custom_grad=False, subpixel=False, lean=False):
+def child_fvae(batch, size, reps, custom_grad=False, subpixel=False, lean=False, unpacked=False):
     import jax
 
     import fvae_core.autoencoder
@@ -177,6 +180,8 @@ def child_fvae(batch, size, reps, custom_grad=False, subpixel=False, lean=False)
         fvae_core.autoencoder.SUBPIXEL_BACKENDS = here
         fvae_core.autoencoder.GRADS_FIRST_BACKENDS = () if lean else here
         fvae_core.train_steps.COND_UPDATE_BACKENDS = () if lean else here
+    if unpacked:  # no leaf is small: each is its own optimiser leaf, as before the packing
+        fvae_core.train_steps.SMALL_LEAF_ELEMENTS = -1
     spec = _spec_for(batch, size)
     params = init_params(_fvae_trainer(spec).vae_config)
     trainer, lp, state, batch_, rng, step_c, compile_s = _fvae_setup(spec, params)
@@ -203,7 +208,8 @@ def child_fvae(batch, size, reps, custom_grad=False, subpixel=False, lean=False)
                                          "gen/skipped", "critic/skipped")},
             "device": str(jax.devices()[0]), "backend": jax.default_backend(),
             "subpixel": fvae_core.autoencoder._subpixel_here(), "grads_first": fvae_core.autoencoder._grads_first_here(),
-            "cond_update": fvae_core.train_steps._cond_update_here()}
+            "cond_update": fvae_core.train_steps._cond_update_here(),
+            "small_leaf_elements": fvae_core.train_steps.SMALL_LEAF_ELEMENTS}
 
 
 def child_torch(batch, size, reps, compile_):
@@ -327,7 +333,8 @@ def main(argv=None):
             out = child_flops(args.batch, args.size, subpixel=v == "flops-subpixel")
         elif v.startswith("fvae"):
             out = child_fvae(args.batch, args.size, args.reps, custom_grad=v == "fvae-custom-grad",
-                             subpixel=v.startswith("fvae-subpixel"), lean=v == "fvae-subpixel-lean")
+                             subpixel=v.startswith("fvae-subpixel"), lean=v == "fvae-subpixel-lean",
+                             unpacked=v == "fvae-unpacked")
         else:
             out = child_torch(args.batch, args.size, args.reps, compile_=v == "torch-compile")
         print(json.dumps(out), flush=True)
