@@ -21,10 +21,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(script: str, args, timeout: float) -> dict:
-    """Run ``python script *args``; return the last JSON line it printed, or exit with its stderr tail."""
+def run_child(script: str, args, timeout: float, environ=None) -> dict:
+    """Run ``python script *args`` (in ``environ``, default this process's environment); return the last
+    JSON line it printed, or exit with its stderr tail."""
     cmd = [sys.executable, os.path.abspath(script), *args]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ if environ is None else environ, TF_CPP_MIN_LOG_LEVEL="3")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if p.returncode != 0:
         sys.stderr.write(p.stderr[-4000:])

@@ -696,7 +696,8 @@ def _report(results, peak, args, total):
     alloc |= {res["rss_fvae"].get("host_allocator") for res in results.values() if "rss_fvae" in res}
     print(f"Host allocator of the fvae processes (as `fvae train`, `train_steps.tune_host_allocator`): "
           f"{'; '.join(sorted(a for a in alloc if a))}. The timing child runs both frameworks in one process, so "
-          f"torch's timed steps share it; torch's peak-RSS child keeps glibc's default.")
+          f"torch's timed steps share it (and its glibc tunables, set in the child's environment); torch's peak-RSS "
+          f"child keeps glibc's default.")
     if peak:
         print(f"Matmul peak measured here ({PEAK_N}³ fp32, median of 5): JAX {peak['jax_fp32'] / 1e9:.0f} GFLOP/s, "
               f"torch {peak['torch_fp32'] / 1e9:.0f} GFLOP/s. Fractions below are of the JAX peak.\n")
@@ -825,20 +826,27 @@ def main(argv=None):
     if not args.no_peak:
         print("matmul peak ...", file=sys.stderr, flush=True)
         peak = run_child(__file__, ["--_child", "peak"], timeout=600)
+    from fvae_core.train_steps import host_allocator_environ
+
     results = {}
     for name in names:
         spec = _spec(name, args.lpips, args.fvae_bf16)
+        # the fvae processes start as `fvae train` restarts itself: with the host allocator's glibc tunables
+        # where the step is large enough for them
+        fvae_env = host_allocator_environ(pixels=spec["batch"] * spec["size"] ** 2)
         sj = json.dumps(spec)
         reps = 2 if args.quick else (args.reps or DEFAULT_REPS[name])
         print(f"[{name}] timing, {reps} reps per measure ...", file=sys.stderr, flush=True)
         extra = [f for f, on in (("--no-breakdown", args.no_breakdown), ("--no-torch-flops", args.no_torch_flops))
                  if on]
-        res = run_child(__file__, ["--_child", "time", "--_spec", sj, "--reps", str(reps), *extra], timeout=3600)
+        res = run_child(__file__, ["--_child", "time", "--_spec", sj, "--reps", str(reps), *extra], timeout=3600,
+                        environ=fvae_env)
         res["reps"], res["spec"] = reps, spec
         if not args.no_rss:
             for fw in ("fvae", "torch"):
                 print(f"[{name}] peak RSS, {fw} alone ...", file=sys.stderr, flush=True)
-                res[f"rss_{fw}"] = run_child(__file__, ["--_child", f"rss-{fw}", "--_spec", sj], timeout=3600)
+                res[f"rss_{fw}"] = run_child(__file__, ["--_child", f"rss-{fw}", "--_spec", sj], timeout=3600,
+                                             environ=fvae_env if fw == "fvae" else None)
         results[name] = res
     _report(results, peak, args, time.perf_counter() - t0)
 

@@ -265,11 +265,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _step_pixels(args) -> int | None:
+    """Pixels per micro-batch (micro-batch x crop^2) of the run ``fvae train`` is asked for; None where its
+    config can't be read (the run itself then says why)."""
+    from pathlib import Path
+
+    from fvae_core.runs.config import apply_overrides, load_config, preset
+
+    try:
+        if args.resume:
+            cfg = load_config(Path(args.resume) / "config.json")
+        else:
+            cfg = apply_overrides(preset(args.config), args.set or [])
+        return cfg.micro_batch * cfg.data.crop ** 2
+    except (ConfigError, TypeError, ValueError):  # no or a bad config: the run reports it
+        return None
+
+
+def _reexec_with_host_tunables(args) -> None:
+    """``fvae train`` from the command line: where this process would train on the CPU on glibc, with steps
+    of at least :data:`fvae_core.train_steps.HUGE_PAGES_MIN_PIXELS`, and its environment lacks
+    :data:`fvae_core.train_steps.HOST_GLIBC_TUNABLES` (transparent huge pages for malloc's mapped chunks),
+    run this command again in this process, with them; glibc reads its tunables only when a process
+    starts. A ``GLIBC_TUNABLES`` that already names ``glibc.malloc.hugetlb`` is kept as it is (set it to 0
+    to train without huge pages, to 1 to train a small step with them)."""
+    import os
+
+    from fvae_core.train_steps import host_allocator_environ
+
+    pixels = _step_pixels(args)
+    env = host_allocator_environ(pixels=pixels) if pixels is not None else None
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "fvae_core.cli", *sys.argv[1:]], env)
+
+
 def main(argv=None) -> int:
     from fvae_core.images import ImageError
     from fvae_core.weights import WeightError
 
     args = build_parser().parse_args(argv)
+    if argv is None and args.func is cmd_train:
+        _reexec_with_host_tunables(args)
     try:
         return args.func(args)
     except (UsageError, ConfigError, WeightError, ImageError) as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from functools import partial
 from typing import Any, Callable
 
@@ -464,6 +465,76 @@ def _accelerator_plugins() -> list[str]:
     return sorted(set(found))
 
 
+def _cpu_training_host() -> str | None:
+    """Why a process here is not one that trains on the CPU on glibc (None: it is): not glibc, or
+    ``jax_platforms`` (``JAX_PLATFORMS``) not CPU-only, or, with it unset, an accelerator plugin installed."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    platforms = jax.config.jax_platforms
+    if platforms:
+        if {p.strip() for p in platforms.split(",") if p.strip()} != {"cpu"}:
+            return f"jax_platforms={platforms!r} is not CPU-only"
+    else:
+        plugins = _accelerator_plugins()
+        if plugins:
+            return f"accelerator plugins installed ({', '.join(plugins)})"
+    return None
+
+
+#: glibc tunables for a process that trains on the CPU (:func:`host_allocator_environ`): malloc marks the
+#: chunks it maps for transparent huge pages (``madvise(MADV_HUGEPAGE)``). glibc reads tunables only when
+#: a process starts, so they go into the environment of the process to come (``fvae train`` re-executes
+#: itself with them).
+HOST_GLIBC_TUNABLES = {"glibc.malloc.hugetlb": "1"}
+#: Steps of at least this many pixels (micro-batch x crop^2) get :data:`HOST_GLIBC_TUNABLES`: sd-vae-ft-mse
+#: at B4, 256^2 (262,144 px) went 34.8 -> 30.5 s a step; at B1 (65,536 px) it was no faster; at tiny-cpu
+#: (B8, 64^2: 32,768 px) every other step took 0.68 instead of 0.40 s in the benchmark's process, which
+#: runs torch's steps between fvae's (``benchmarks/RESULTS.md``, tenth round).
+HUGE_PAGES_MIN_PIXELS = 1 << 17
+
+
+def _tunables(value: str | None) -> dict[str, str]:
+    return dict(t.split("=", 1) for t in (value or "").split(":") if "=" in t)
+
+
+def host_allocator_environ(environ=None, pixels: int | None = None) -> dict | None:
+    """``environ`` (default ``os.environ``) with :data:`HOST_GLIBC_TUNABLES` added to ``GLIBC_TUNABLES``, for
+    starting a process that trains on the CPU with steps of ``pixels`` (micro-batch x crop^2; None: large);
+    None where there is nothing to add: each tunable already set (to any value: a user's own setting wins),
+    a step under :data:`HUGE_PAGES_MIN_PIXELS`, or a process that would not train on the CPU on glibc.
+
+    Why: the step's buffers above 32 MiB (XLA's temp allocation, 5.2 GB at sd-vae-ft-mse B4, and the
+    convolutions' scratch) are mapped afresh in every step, and with 4 KiB pages the kernel takes a fault
+    for each page: 2.6M faults and 12 s of system time per sd B4 step on the tuned allocator
+    (``benchmarks/RESULTS.md``, tenth round). With huge pages: 4k faults, 5 s, and the step 34.8 -> 30.5 s.
+    Small steps go without (:data:`HUGE_PAGES_MIN_PIXELS`)."""
+    env = dict(os.environ if environ is None else environ)
+    if (pixels is not None and pixels < HUGE_PAGES_MIN_PIXELS) or _cpu_training_host() is not None:
+        return None
+    have = _tunables(env.get("GLIBC_TUNABLES"))
+    add = {k: v for k, v in HOST_GLIBC_TUNABLES.items() if k not in have}
+    if not add:
+        return None
+    env["GLIBC_TUNABLES"] = ":".join(f"{k}={v}" for k, v in {**have, **add}.items())
+    return env
+
+
+def _huge_pages_line() -> str:
+    """How this process's malloc uses transparent huge pages, for :func:`tune_host_allocator`'s line."""
+    if _tunables(os.environ.get("GLIBC_TUNABLES")).get("glibc.malloc.hugetlb") != "1":
+        return "no huge pages (GLIBC_TUNABLES has no glibc.malloc.hugetlb=1)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().strip()
+    except OSError:
+        return "huge pages asked for; the kernel has no transparent huge pages"
+    if "[never]" in mode:
+        return "huge pages asked for; the kernel's transparent huge pages are off (never)"
+    return "transparent huge pages for mapped chunks"
+
+
 def tune_host_allocator() -> str:
     """Set glibc's malloc up for a process that trains on the CPU. Returns what it did, in one line.
 
@@ -473,6 +544,8 @@ def tune_host_allocator() -> str:
     * Chunks above :data:`HOST_MMAP_THRESHOLD` mmapped (``M_MMAP_THRESHOLD``, glibc's largest), the rest
       from the heap, which is never trimmed automatically (``M_TRIM_THRESHOLD`` = -1): what a step frees
       is there for the next one. :func:`release_host_memory` still trims on purpose after a compile.
+    * Transparent huge pages for the mapped chunks come from the environment the process started with
+      (:func:`host_allocator_environ`); the line says whether they are on.
 
     Tiny-cpu, paired processes (``benchmarks/RESULTS.md``, ninth round): peak RSS 788-804 against 845-861
     MB, the compile's peak 727-735 against 833-857 MB; in two pairs of 20 steps the step 2% slower
@@ -487,24 +560,18 @@ def tune_host_allocator() -> str:
 
     Not done: all buffers from the heap (``M_MMAP_MAX`` = 0). It takes the page faults of the step's large
     buffers away (sd-vae-ft-mse B4: 33.5 -> 26.6 s a step, 4.9M -> 300 faults), but the heap then
-    fragments: at B1 the peak grew by one temp buffer (3.2 -> 4.6 GB) at the 11th step."""
+    fragments: at B1 the peak grew by one temp buffer (3.2 -> 4.6 GB) at the 11th step. Nor a larger top
+    pad (``M_TOP_PAD`` 512 MiB, so that the heap's free top serves the large chunks): sd B4 34.8 -> 33.0 s,
+    but tiny-cpu's peak RSS 788 -> 958-1141 MB."""
     import ctypes
-    import platform
 
     from jax._src import xla_bridge
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "host allocator left as is: not glibc"
     if xla_bridge.backends_are_initialized():
         return "host allocator left as is: jax's backends are already running"
-    platforms = jax.config.jax_platforms
-    if platforms:
-        if {p.strip() for p in platforms.split(",") if p.strip()} != {"cpu"}:
-            return f"host allocator left as is: jax_platforms={platforms!r} is not CPU-only"
-    else:
-        plugins = _accelerator_plugins()
-        if plugins:
-            return f"host allocator left as is: accelerator plugins installed ({', '.join(plugins)})"
+    why_not = _cpu_training_host()
+    if why_not:
+        return f"host allocator left as is: {why_not}"
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
         ok = [mallopt(_M_ARENA_MAX, HOST_MALLOC_ARENAS), mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD),
@@ -514,7 +581,7 @@ def tune_host_allocator() -> str:
     if not ok:
         return "host allocator left as is: mallopt refused"
     return (f"glibc malloc: {HOST_MALLOC_ARENAS} arena, mmap above {HOST_MMAP_THRESHOLD >> 20} MiB, "
-            "no automatic trim")
+            f"no automatic trim, {_huge_pages_line()}")
 
 
 def compile_step(fn, args, activation_elements: int | None = None, **jit_kw):

@@ -173,7 +173,8 @@ if sys.argv[1] == "jax-first":
     jnp.ones(3).block_until_ready()
 said = tune_host_allocator() if sys.argv[1] != "untuned" else None
 if sys.argv[1] == "said-only":
-    print(json.dumps({"said": said}))
+    from fvae_core.train_steps import host_allocator_environ
+    print(json.dumps({"said": said, "environ": host_allocator_environ()}))
     sys.exit()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.tanh(x @ x.T) + 1.0)
@@ -221,7 +222,7 @@ def test_tune_host_allocator_gives_the_process_one_malloc_arena():
     untuned = _arena_probe("untuned")
     assert untuned["arenas"] > 1  # XLA's worker threads allocate from arenas of their own (else this tests nothing)
     tuned = _arena_probe("tuned")
-    assert tuned["said"] == "glibc malloc: 1 arena, mmap above 32 MiB, no automatic trim"
+    assert tuned["said"].startswith("glibc malloc: 1 arena, mmap above 32 MiB, no automatic trim, ")
     assert tuned["arenas"] == T.HOST_MALLOC_ARENAS == 1
 
 
@@ -232,5 +233,103 @@ def test_tune_host_allocator_says_why_it_leaves_the_allocator_alone():
     assert late["arenas"] > 1
     gpu = _arena_probe("said-only", JAX_PLATFORMS="cuda,cpu")
     assert gpu["said"] == "host allocator left as is: jax_platforms='cuda,cpu' is not CPU-only"
+    assert gpu["environ"] is None  # nor are the glibc tunables added for a process that may not train on the CPU
     jnp.ones(3).block_until_ready()  # in this process jax's backends are running now: a no-op, said so
     assert T.tune_host_allocator() == "host allocator left as is: jax's backends are already running"
+
+
+def test_host_allocator_environ_adds_huge_pages_and_keeps_a_users_tunables():
+    _glibc_cpu_only()
+    assert T.host_allocator_environ({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    env = T.host_allocator_environ({"GLIBC_TUNABLES": "glibc.malloc.check=0"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=1"}
+    assert T.host_allocator_environ(env) is None  # nothing left to add: `fvae train` re-executes at most once
+    assert T.host_allocator_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice wins
+    big, small = T.HUGE_PAGES_MIN_PIXELS, T.HUGE_PAGES_MIN_PIXELS - 1  # a step's micro-batch x crop^2
+    assert T.host_allocator_environ({}, pixels=big) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert T.host_allocator_environ({}, pixels=small) is None
+
+
+_HUGE_PAGE_PROBE = r"""
+import ctypes, json, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+n = 64 << 20  # above the mmap threshold: a chunk of its own, as XLA's step buffers are
+p = libc.malloc(n)
+ctypes.memset(p, 1, n)
+with open("/proc/self/smaps_rollup") as f:
+    kb = sum(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+said = None
+if sys.argv[1] == "tune":
+    from fvae_core.train_steps import tune_host_allocator
+    said = tune_host_allocator()
+print(json.dumps({"anon_huge_kb": kb, "said": said}))
+"""
+
+
+def _huge_page_probe(env, tune=False):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE, "tune" if tune else "-"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_host_allocator_environ_gives_mallocs_mapped_chunks_transparent_huge_pages():
+    import os
+
+    import pytest
+
+    _glibc_cpu_only()
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().strip()
+    except OSError:
+        pytest.skip("this kernel has no transparent huge pages")
+    if "[madvise]" not in mode:  # 'always': every process gets them anyway; 'never': none does
+        pytest.skip(f"transparent huge pages are {mode!r} here: only 'madvise' tells the tunable's effect apart")
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    assert _huge_page_probe(plain)["anon_huge_kb"] == 0
+    tuned = _huge_page_probe(T.host_allocator_environ(plain), tune=True)
+    assert tuned["anon_huge_kb"] >= 2048  # at least one huge page under the 64 MiB chunk
+    assert tuned["said"].endswith("no automatic trim, transparent huge pages for mapped chunks")
+
+
+_REEXEC_PROBE = r"""
+import json, os, sys
+sys.argv = ["fvae", "train", "--config", "smoke", "--run-dir", *sys.argv[1:]]
+def execve(path, args, env):  # stands in for the exec: report it and stop
+    print(json.dumps({"path": path, "args": args, "tunables": env.get("GLIBC_TUNABLES")}))
+    sys.exit(0)
+os.execve = execve
+from fvae_core import cli
+cli.main()
+print(json.dumps(None))
+"""
+
+
+def test_fvae_train_from_the_command_line_restarts_itself_with_the_glibc_tunables(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    _glibc_cpu_only()
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    run_dir = str(tmp_path / "run")
+    run = lambda env, *more: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-c", _REEXEC_PROBE, run_dir, *more], capture_output=True, text=True, timeout=300,
+        env=env, check=True).stdout.strip().splitlines()[-1])
+    large = ["--set", "data.crop=512"]  # smoke's 2 images a step at 512^2: 524,288 px
+    assert 2 * 512 ** 2 >= T.HUGE_PAGES_MIN_PIXELS > 2 * 32 ** 2
+    assert run(plain, *large) == {"path": sys.executable, "tunables": "glibc.malloc.hugetlb=1",
+                                  "args": [sys.executable, "-m", "fvae_core.cli", "train", "--config", "smoke",
+                                           "--run-dir", run_dir, *large]}
+    # otherwise it trains in place: the stand-in exec is not called. The smoke run is not wanted here, so a
+    # run dir that is a file stops it early. With the tunable there (the restarted process, or a user's own):
+    (tmp_path / "run").write_text("not a folder")
+    assert run({**plain, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, *large) is None
+    assert run(plain) is None  # smoke's own step (2 x 32^2 px) is too small for huge pages
