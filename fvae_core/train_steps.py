@@ -503,7 +503,9 @@ def host_allocator_environ(environ=None, pixels: int | None = None) -> dict | No
     """``environ`` (default ``os.environ``) with :data:`HOST_GLIBC_TUNABLES` added to ``GLIBC_TUNABLES``, for
     starting a process that trains on the CPU with steps of ``pixels`` (micro-batch x crop^2; None: large);
     None where there is nothing to add: each tunable already set (to any value: a user's own setting wins),
-    a step under :data:`HUGE_PAGES_MIN_PIXELS`, or a process that would not train on the CPU on glibc.
+    a step under :data:`HUGE_PAGES_MIN_PIXELS`, or a process that would not train on the CPU on glibc (read
+    from this process: its C library, jax's ``jax_platforms`` and the plugins installed, not from
+    ``environ``).
 
     Why: the step's buffers above 32 MiB (XLA's temp allocation, 5.2 GB at sd-vae-ft-mse B4, and the
     convolutions' scratch) are mapped afresh in every step, and with 4 KiB pages the kernel takes a fault
