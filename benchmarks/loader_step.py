@@ -46,6 +46,9 @@ def main(argv=None):
     ap.add_argument("--cache", type=int, default=8, help="batches held in memory")
     args = ap.parse_args(argv)
 
+    from fvae_core.train_steps import tune_host_allocator
+
+    host_allocator = tune_host_allocator()  # as `fvae train`: first, before jax's backends start
     import absl.flags
 
     absl.flags.FLAGS(sys.argv[:1])  # grain's worker processes read absl flags
@@ -130,7 +133,8 @@ def main(argv=None):
     print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; loader workers {workers} "
           f"(0 = in-process, grain's 2 read threads); OpenMoji first {args.svgs} SVGs prepared at "
           f"{cfg.data.render_size}² in {prep_s:.1f} s; step compile {compile_s:.1f} s. Medians of "
-          f"{len(times['loader'])} steps per source over {args.rounds} alternating rounds.\n")
+          f"{len(times['loader'])} steps per source over {args.rounds} alternating rounds. Host allocator (as "
+          f"`fvae train`; its restart with huge pages for large steps is not done here): {host_allocator}.\n")
     print("| batches from | step (median) | img/s | of which waiting in next() (median / max) |")
     print("|---|---|---|---|")
     print(f"| loader | {1000 * med['loader']:.1f} ms | {b / med['loader']:.1f} | "
