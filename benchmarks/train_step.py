@@ -826,14 +826,14 @@ def main(argv=None):
     if not args.no_peak:
         print("matmul peak ...", file=sys.stderr, flush=True)
         peak = run_child(__file__, ["--_child", "peak"], timeout=600)
-    from fvae_core.train_steps import host_allocator_environ
+    from fvae_core.train_steps import host_allocator_environ, step_pixels
 
     results = {}
     for name in names:
         spec = _spec(name, args.lpips, args.fvae_bf16)
         # the fvae processes start as `fvae train` restarts itself: with the host allocator's glibc tunables
         # where the step is large enough for them
-        fvae_env = host_allocator_environ(pixels=spec["batch"] * spec["size"] ** 2)
+        fvae_env = host_allocator_environ(pixels=step_pixels(spec["batch"], spec["size"]))
         sj = json.dumps(spec)
         reps = 2 if args.quick else (args.reps or DEFAULT_REPS[name])
         print(f"[{name}] timing, {reps} reps per measure ...", file=sys.stderr, flush=True)

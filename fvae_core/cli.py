@@ -271,13 +271,14 @@ def _step_pixels(args) -> int | None:
     from pathlib import Path
 
     from fvae_core.runs.config import apply_overrides, load_config, preset
+    from fvae_core.train_steps import step_pixels
 
     try:
         if args.resume:
             cfg = load_config(Path(args.resume) / "config.json")
         else:
             cfg = apply_overrides(preset(args.config), args.set or [])
-        return cfg.micro_batch * cfg.data.crop ** 2
+        return step_pixels(cfg.micro_batch, cfg.data.crop)
     except (ConfigError, TypeError, ValueError):  # no or a bad config: the run reports it
         return None
 

@@ -420,6 +420,12 @@ def activation_elements(vae_config: VAEConfig, micro_batch: int, crop: int, widt
     return micro_batch * crop * (crop if width is None else width) * vae_config.block_out_channels[0]
 
 
+def step_pixels(micro_batch: int, crop: int) -> int:
+    """The size measure of :data:`HUGE_PAGES_MIN_PIXELS`: micro-batch x crop^2 (known from a config alone,
+    before the weights and so the channel count of :func:`activation_elements`)."""
+    return micro_batch * crop * crop
+
+
 def jit_step(fn, activation_elements: int | None = None, **jit_kw):
     """``jax.jit`` with :func:`step_compiler_options`: how every train step is compiled."""
     return jax.jit(fn, compiler_options=step_compiler_options(activation_elements), **jit_kw)
