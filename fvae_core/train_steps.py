@@ -570,7 +570,9 @@ def tune_host_allocator() -> str:
     buffers away (sd-vae-ft-mse B4: 33.5 -> 26.6 s a step, 4.9M -> 300 faults), but the heap then
     fragments: at B1 the peak grew by one temp buffer (3.2 -> 4.6 GB) at the 11th step. Nor a larger top
     pad (``M_TOP_PAD`` 512 MiB, so that the heap's free top serves the large chunks): sd B4 34.8 -> 33.0 s,
-    but tiny-cpu's peak RSS 788 -> 958-1141 MB."""
+    but tiny-cpu's peak RSS 788 -> 958-1141 MB. Nor mimalloc preloaded: sd B4 3-7% faster, but B1's peak
+    3.6-5.3 GB against 3.2, and 13 GB at B4 where its arenas held XLA's temp buffer (eleventh round). What
+    is left of the B4 step's system time follows that 5.2 GB buffer, fresh in every step, not the faults."""
     import ctypes
 
     from jax._src import xla_bridge
