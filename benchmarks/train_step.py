@@ -83,7 +83,7 @@ PART_TITLES = {"step": "full step", "encoder": "encoder fwd (no grad)", "lpips":
 
 
 # ---- the spec: everything a child needs, built in the parent (which may import jax) --------------------
-def _spec(name: str, lpips_choice: str, fvae_bf16: bool) -> dict:
+def _spec(name: str, lpips_choice: str, fvae_bf16: bool, steps_per_call: int = 0) -> dict:
     from fvae_core.autoencoder import PRESET_CONFIGS
     from fvae_core.runs.config import preset
 
@@ -110,6 +110,7 @@ def _spec(name: str, lpips_choice: str, fvae_bf16: bool) -> dict:
         "adaptive": [r.adaptive_ratio, r.adaptive_eps, r.adaptive_max],
         "lr": r.lr, "critic_lr": r.critic_lr, "betas": [r.b1, r.b2], "ema_decay": r.ema_decay,
         "preset_dtype": r.compute_dtype, "fvae_dtype": "bfloat16" if fvae_bf16 else "float32",
+        "steps_per_call": steps_per_call,  # 0: as `fvae train` picks it (resolved in the child, on its backend)
     }
 
 
@@ -393,10 +394,29 @@ def _fvae_trainer(spec):
     return Trainer(recipe, PRESET_CONFIGS[spec["arch"]])
 
 
+def _steps_per_call(spec) -> int:
+    """``spec["steps_per_call"]``, or for 0 what ``fvae train`` picks for the run preset at this batch and crop
+    (:func:`fvae_core.runs.train.steps_per_call`; needs jax's backend, so only in a child)."""
+    from fvae_core.runs.config import preset
+    from fvae_core.runs.train import steps_per_call
+
+    if spec["steps_per_call"]:
+        return spec["steps_per_call"]
+    run = preset(spec["run"])
+    return steps_per_call(dataclasses.replace(run, batch_size=spec["batch"], grad_accum=1,
+                                              sample_count=min(run.sample_count, spec["batch"]),
+                                              data=dataclasses.replace(run.data, crop=spec["size"])))
+
+
 def _fvae_setup(spec, params):
-    """Trainer, LPIPS, state at step disc_start, batch, rng keys, and the compiled step."""
+    """Trainer, LPIPS, state at step disc_start, batch, rng keys, the compiled call and its compile seconds.
+
+    With ``n = _steps_per_call(spec)`` above 1 the call is ``Trainer.raw_steps`` over ``n`` different batches
+    (``batch["image"]`` is ``[n, B, H, W, 3]``, ``rng`` is ``n`` keys), as ``fvae train`` runs it; else
+    ``Trainer.raw_step``."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from fvae_core.train_steps import activation_elements, compile_step, release_host_memory
 
@@ -406,14 +426,30 @@ def _fvae_setup(spec, params):
     state = trainer.init_state(params, jax.random.PRNGKey(1), image_size=spec["size"])
     state = state.replace(step=jnp.asarray(spec["step"], jnp.int32))
     assert trainer.phase_for_step(spec["step"]) == "adversarial"
-    batch = {"image": jnp.asarray(_images(spec))}
+    n = _steps_per_call(spec)
     rng = jax.random.PRNGKey(2)
+    if n == 1:
+        batch = {"image": jnp.asarray(_images(spec))}
+        fn = trainer.raw_step("adversarial")
+    else:
+        batch = {"image": jnp.asarray(np.stack([_images(spec, seed=i) for i in range(n)]))}
+        rng = jax.random.split(rng, n)
+        fn = trainer.raw_steps("adversarial")
     t = time.perf_counter()
     size = activation_elements(trainer.vae_config, spec["batch"], spec["size"])  # as fvae_core.runs.train
     # as fvae_core.runs.train does: compiled ahead of time, then jax's tracing caches are dropped
-    step_c = compile_step(trainer.raw_step("adversarial"), (state, batch, rng, lp), size, donate_argnums=(0,))
+    step_c = compile_step(fn, (state, batch, rng, lp), size, donate_argnums=(0,))
     compile_s = time.perf_counter() - t
     return trainer, lp, state, batch, rng, step_c, compile_s
+
+
+def _call_keys(rng, i):
+    """Fresh keys for call ``i``: one key, or ``n`` keys for a call of ``n`` steps."""
+    import jax
+
+    if rng.ndim == 1:
+        return jax.random.fold_in(rng, i)
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(rng)
 
 
 def _flops(compiled_or_lowered):
@@ -553,7 +589,9 @@ def _child_time(spec, reps, breakdown, torch_flops):
     del state_dict
     trainer, lp, state, batch, rng, step_c, compile_s = _fvae_setup(spec, params)
     del params
-    x01_np = np.asarray(batch["image"])
+    n = 1 if rng.ndim == 1 else rng.shape[0]  # steps per call
+    one = batch if n == 1 else {"image": batch["image"][0]}  # one step's batch, for the checks and parts
+    x01_np = np.asarray(one["image"])
     x01_t = _to_torch(x01_np)
     xm_t = x01_t * 2.0 - 1.0
 
@@ -577,9 +615,9 @@ def _child_time(spec, reps, breakdown, torch_flops):
 
     # ---- FLOPs ------------------------------------------------------------------------------------------
     flops = {"fvae_compiled": _flops(step_c)}
-    flops["fvae_loop_free"] = _loop_free_flops(trainer, state, batch, rng, lp)
+    flops["fvae_loop_free"] = _loop_free_flops(trainer, state, one, rng if n == 1 else rng[0], lp)
 
-    keys = [jax.random.fold_in(rng, i) for i in range(2 * reps + 4)]
+    keys = [_call_keys(rng, i) for i in range(2 * reps + 4)]
     holder = {"state": state, "i": 0, "metrics": None}
     del state
 
@@ -591,13 +629,14 @@ def _child_time(spec, reps, breakdown, torch_flops):
 
     torch_metrics = []
 
-    def t_step():
-        torch_metrics.append(tstep.step(x01_t))
+    def t_step():  # as many steps as fvae's call, one after another
+        for _ in range(n):
+            torch_metrics.append(tstep.step(x01_t))
 
     fns = {"fvae": {"step": f_step}, "torch": {"step": t_step}}
     part_compile, part_flops = {}, {}
     if breakdown:
-        f_parts, part_compile, part_flops = _fvae_parts(trainer, lp, holder["state"], batch,
+        f_parts, part_compile, part_flops = _fvae_parts(trainer, lp, holder["state"], one,
                                                           lambda: holder["state"])
         fns["fvae"].update(f_parts)
         y_fix = torch.clamp(xm_t + 0.1 * torch.randn_like(xm_t), -1.0, 1.0)
@@ -625,14 +664,14 @@ def _child_time(spec, reps, breakdown, torch_flops):
     for measure in measures:
         for r in range(reps):
             order = ("fvae", "torch") if r % 2 == 0 else ("torch", "fvae")
-            for fw in order:
-                times[fw][measure].append(_timed(fns[fw][measure]))
+            for fw in order:  # a "step" repetition is one call of n steps; its time per step is kept
+                times[fw][measure].append(_timed(fns[fw][measure]) / (n if measure == "step" else 1))
             if measure == "step":
                 probe_s.append(_timed(probe))
     load["end"] = os.getloadavg()
     del pa
 
-    fm = {k: float(v) for k, v in holder["metrics"].items()}
+    fm = {k: float(np.reshape(v, -1)[-1]) for k, v in holder["metrics"].items()}  # the call's last step
     if torch_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -647,7 +686,7 @@ def _child_time(spec, reps, breakdown, torch_flops):
                                             "gen/skipped", "critic/skipped", "w_mae", "w_mse")},
         "torch_metrics": torch_metrics[-1],
         "jax": jax.__version__, "torch": torch.__version__, "jax_device": str(jax.devices()[0]),
-        "jax_backend": jax.default_backend(),
+        "jax_backend": jax.default_backend(), "steps_per_call": n,
     }
 
 
@@ -662,8 +701,8 @@ def _child_rss(spec, framework):
         _, lp, state, batch, rng, step_c, _ = _fvae_setup(spec, params)
         del params
         rss_setup = rss_now()
-        for i in range(2):
-            state, m = step_c(state, batch, jax.random.fold_in(rng, i), lp)
+        for i in range(2):  # two calls (of steps_per_call steps each)
+            state, m = step_c(state, batch, _call_keys(rng, i), lp)
             jax.block_until_ready((state, m))
     else:
         tstep = TorchStep(spec)
@@ -691,7 +730,10 @@ def _report(results, peak, args, total):
     print(f"jax {any_res['jax']} ({any_res['jax_backend']}, {any_res['jax_device']}), torch {any_res['torch']} "
           f"({TORCH_THREADS} threads), {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
           f"python {platform.python_version()}. Medians; fvae/torch is a time (or memory) ratio, below 1 means "
-          f"fvae is faster (smaller). fvae: Trainer.raw_step('adversarial'), state donated, from step = disc_start.")
+          f"fvae is faster (smaller). fvae: Trainer.raw_step('adversarial'), state donated, from step = disc_start; "
+          f"with n steps per call (as `fvae train` runs them, RunConfig.steps_per_call) Trainer.raw_steps over n "
+          f"batches, and torch runs n steps per repetition too; step times are per step. The parts are single "
+          f"calls either way.")
     alloc = {res.get("host_allocator") for res in results.values()}
     alloc |= {res["rss_fvae"].get("host_allocator") for res in results.values() if "rss_fvae" in res}
     print(f"Host allocator of the fvae processes (as `fvae train`, `train_steps.tune_host_allocator`): "
@@ -706,7 +748,8 @@ def _report(results, peak, args, total):
     for name, res in results.items():
         spec = res["spec"]
         label = (f"{name}: {spec['arch']}, B{spec['batch']}, {spec['size']}², LPIPS-{spec['lpips_net']}, "
-                 f"critic ndf {spec['critic_ndf']}, fvae {spec['fvae_dtype']}")
+                 f"critic ndf {spec['critic_ndf']}, fvae {spec['fvae_dtype']}, "
+                 f"{res['steps_per_call']} step{'s' if res['steps_per_call'] > 1 else ''} per call")
         med = {fw: {m: statistics.median(v) for m, v in res["times"][fw].items()} for fw in ("fvae", "torch")}
         f, t = med["fvae"]["step"], med["torch"]["step"]
         print(_row(label, f"full step (median of {res['reps']})", ms(f), ms(t), f / t))
@@ -726,7 +769,8 @@ def _report(results, peak, args, total):
                        " / ".join(f"{pc[p]:.1f} s" for p in PARTS), "—"))
         fl = res["flops"]
         tf = fl.get("torch")
-        print(_row("", "FLOPs/step (fvae: XLA cost analysis of the compiled step; torch: FlopCounterMode)",
+        print(_row("", "FLOPs/step (fvae: XLA cost analysis of the compiled call, a loop body counted once; "
+                       "torch: FlopCounterMode)",
                    _gf(fl["fvae_compiled"]), _gf(tf) if tf else "—"))
         print(_row("", "FLOPs/step (fvae: loop-free lowering, custom conv grad off; used below)",
                    _gf(fl["fvae_loop_free"]), "", ""))
@@ -794,6 +838,8 @@ def main(argv=None):
     ap.add_argument("--no-breakdown", action="store_true", help="skip timing the parts of the step")
     ap.add_argument("--no-torch-flops", action="store_true", help="skip counting the torch step's FLOPs")
     ap.add_argument("--no-peak", action="store_true", help="skip measuring the matmul peak")
+    ap.add_argument("--steps-per-call", type=int, default=0,
+                    help="fvae train steps per compiled call (default 0: what `fvae train` picks for the preset)")
     ap.add_argument("--_child", choices=["time", "rss-fvae", "rss-torch", "peak"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -830,7 +876,7 @@ def main(argv=None):
 
     results = {}
     for name in names:
-        spec = _spec(name, args.lpips, args.fvae_bf16)
+        spec = _spec(name, args.lpips, args.fvae_bf16, args.steps_per_call)
         # the fvae processes start as `fvae train` restarts itself: with the host allocator's glibc tunables
         # where the step is large enough for them
         fvae_env = host_allocator_environ(pixels=step_pixels(spec["batch"], spec["size"]))

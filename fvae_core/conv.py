@@ -33,7 +33,9 @@ Everything else (strides, padding that changes the size, 1x1 kernels, mixed dtyp
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import Sequence
 
 import jax
@@ -199,11 +201,38 @@ MIN_PIXELS = 128 * 128
 CUSTOM_GRAD_BACKENDS = ("cpu",)
 
 
+_LOOP = threading.local()
+
+
+@contextlib.contextmanager
+def loop_body():
+    """Trace-time context for code that runs inside a ``lax.scan``/``while`` body (several train steps per
+    call, gradient accumulation): every conv that :func:`conv2d` or :func:`upsample_conv2d` traces in it with
+    ``custom_grad=None`` takes the custom gradient wherever it applies, whatever its size, on
+    :data:`CUSTOM_GRAD_BACKENDS`.
+
+    XLA:CPU (jax 0.10) runs a conv's *kernel* gradient inside a loop body as one of its own slow compiled
+    loops: a 3x3 conv (B8, 64^2, 64 -> 64) took 2984 ms inside ``lax.scan(length=1)`` against 84 ms jitted
+    alone (36x), and the tiny-cpu step 4.0-4.6 s against 0.41 s. The custom gradient is matmuls, which run
+    at full speed in a loop (``benchmarks/RESULTS.md``, eleventh and twelfth rounds)."""
+    depth = getattr(_LOOP, "depth", 0)
+    _LOOP.depth = depth + 1
+    try:
+        yield
+    finally:
+        _LOOP.depth = depth
+
+
+def in_loop_body() -> bool:
+    """True while tracing inside :func:`loop_body`."""
+    return getattr(_LOOP, "depth", 0) > 0
+
+
 def _auto_custom_grad(cin: int, pixels: int, columns: int) -> bool:
     """The ``custom_grad=None`` rule: on :data:`CUSTOM_GRAD_BACKENDS`, wide convs on large images, or a narrow
-    output (``columns = kh * kw * C_out``)."""
+    output (``columns = kh * kw * C_out``); every conv inside :func:`loop_body`."""
     return (jax.default_backend() in CUSTOM_GRAD_BACKENDS
-            and ((cin >= MIN_CHANNELS and pixels >= MIN_PIXELS) or columns <= NARROW_COLUMNS))
+            and (in_loop_body() or (cin >= MIN_CHANNELS and pixels >= MIN_PIXELS) or columns <= NARROW_COLUMNS))
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int | Sequence[int] = 1,

@@ -38,7 +38,7 @@ from jax import lax
 
 from fvae_core.autoencoder import AutoencoderKL, VAEConfig
 from fvae_core.color import LOSS_SPACES
-from fvae_core.conv import conv2d
+from fvae_core.conv import conv2d, loop_body
 from fvae_core.conventions import from_model_range, to_model_range
 from fvae_core.critic import PatchGAN, critic_input, critic_loss_terms, critic_objective, validate_critic
 from fvae_core.losses import adaptive_gan_weight, furception_pixel_weights, pixel_loss
@@ -337,6 +337,17 @@ class Trainer:
             raise ValueError(f"phase {phase!r} not in {PHASES}")
         return partial(_train_step, self, phase, grad_accum)
 
+    def raw_steps(self, phase: str, grad_accum: int = 1) -> Callable:
+        """The un-jitted ``steps(state, batches, rngs, lpips) -> (state, metrics)`` that runs ``len(rngs)``
+        train steps of one phase in a single call (``lax.scan``; ``batches["image"]`` is ``[n, B, H, W, 3]``,
+        each metric comes back as ``[n]``). Each step is exactly :meth:`raw_step`'s, up to float rounding:
+        every conv takes fvae_core.conv's custom kernel gradient on XLA:CPU (:func:`fvae_core.conv.loop_body`).
+        On XLA:CPU the step's temp buffer is then mapped, and its pages zeroed by the kernel, once per call
+        instead of once per step (:data:`MULTI_STEP_BACKENDS`)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase {phase!r} not in {PHASES}")
+        return partial(_train_steps, self, phase, grad_accum)
+
     def critic_step_fn(self) -> Callable:
         """``critic_step(state, batch, rng) -> (state, metrics)``: a critic-only update (jitted, state
         donated), for several critic iterations per generator step (WGAN-GP's n_critic). ``batch["fake"]``
@@ -499,6 +510,31 @@ HOST_GLIBC_TUNABLES = {"glibc.malloc.hugetlb": "1"}
 #: (B8, 64^2: 32,768 px) every other step took 0.68 instead of 0.40 s in the benchmark's process, which
 #: runs torch's steps between fvae's (``benchmarks/RESULTS.md``, tenth round).
 HUGE_PAGES_MIN_PIXELS = 1 << 17
+
+
+#: Backends on which ``fvae train`` runs several train steps per compiled call when the config leaves
+#: ``steps_per_call`` at 0 (:func:`default_steps_per_call`, :meth:`Trainer.raw_steps`). On XLA:CPU each call
+#: maps the step's temp buffer afresh (5.2 GB at sd-vae-ft-mse B4, 256^2) and the kernel zeroes its pages on
+#: first touch, at about 1-1.5 GB/s on the 2-core VM measured; in a scan of n steps that happens once per
+#: call. Measured per step, one process (jax 0.10, 2-core EPYC; ``benchmarks/RESULTS.md``, twelfth round):
+#: sd-vae-ft-mse B4 31.2 s one per call, 27.0 s two per call (system time 7.0 -> 3.6 s a step); B1 6.86 s
+#: one per call, 6.31 s four per call; tiny-cpu 0.44 s, 0.40 s (two), 0.38 s (four). Peak RSS within 30 MB.
+MULTI_STEP_BACKENDS = ("cpu",)
+#: The first of these that divides every step count the run must stop at (eval, samples, checkpoints, phase
+#: starts) is taken.
+MULTI_STEP_CHOICES = (4, 2)
+
+
+def default_steps_per_call(boundaries=()) -> int:
+    """Train steps per compiled call for ``RunConfig.steps_per_call = 0``: on :data:`MULTI_STEP_BACKENDS`
+    the first of :data:`MULTI_STEP_CHOICES` that divides every one of ``boundaries`` (the step counts the
+    run must stop at); else 1."""
+    if jax.default_backend() not in MULTI_STEP_BACKENDS:
+        return 1
+    for n in MULTI_STEP_CHOICES:
+        if all(int(b) % n == 0 for b in boundaries):
+            return n
+    return 1
 
 
 def _tunables(value: str | None) -> dict[str, str]:
@@ -776,7 +812,8 @@ def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: 
         return jax.tree_util.tree_map(jnp.add, acc, g), (m, fake)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    grads, (ms, fakes) = lax.scan(micro, zeros, (xs, rngs))
+    with loop_body():  # XLA:CPU's own conv kernel gradient is 36x slower in a loop body (fvae_core.conv)
+        grads, (ms, fakes) = lax.scan(micro, zeros, (xs, rngs))
     grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
     metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), ms)
     return grads, metrics, fakes.reshape((b,) + fakes.shape[2:])
@@ -818,6 +855,20 @@ def _train_step(trainer: Trainer, phase: str, accum: int, state: TrainState, bat
         metrics.update(cm)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return state.replace(step=state.step + 1), metrics
+
+
+def _train_steps(trainer: Trainer, phase: str, accum: int, state: TrainState, batches, rngs, lpips: LPIPSModel):
+    """``len(rngs)`` consecutive :func:`_train_step` calls in one ``lax.scan``: batch ``i`` is
+    ``batches["image"][i]``, key ``i`` is ``rngs[i]``; the metrics come back stacked, one row per step.
+    Traced under :func:`fvae_core.conv.loop_body`, so every conv takes the custom (matmul) kernel gradient
+    on XLA:CPU."""
+
+    def body(s, inp):
+        batch, rng = inp
+        return _train_step(trainer, phase, accum, s, batch, rng, lpips)
+
+    with loop_body():
+        return lax.scan(body, state, (batches, rngs))
 
 
 def _critic_step(trainer: Trainer, state: TrainState, batch, rng):

@@ -81,6 +81,10 @@ class RunConfig:
     ckpt_every: int = 2500
     keep_ckpts: int = 3
     max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before the run stops
+    # train steps per compiled call (lax.scan); 0: auto (train_steps.default_steps_per_call: 4 or 2 on the
+    # CPU, whichever divides the steps the run stops at; 1 elsewhere). Must divide eval_every, sample_every
+    # and ckpt_every.
+    steps_per_call: int = 0
     devices: int = 0  # data-parallel devices (0: all)
     param_sharding: bool = False  # shard large params over the devices too (FSDP-style)
     export: tuple[str, ...] = ("diffusers", "single-file")
@@ -99,6 +103,12 @@ class RunConfig:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.devices < 0:
             bad(f"devices must be >= 0, got {self.devices}")
+        if self.steps_per_call < 0:
+            bad(f"steps_per_call must be >= 0 (0: auto), got {self.steps_per_call}")
+        for name in ("eval_every", "sample_every", "ckpt_every"):
+            if self.steps_per_call and getattr(self, name) % self.steps_per_call:
+                bad(f"steps_per_call {self.steps_per_call} must divide {name} {getattr(self, name)} "
+                    f"(a call's steps run without a break; 0 picks a value that does)")
         if self.batch_size % self.grad_accum:
             bad(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.recipe.stage == "pretrain":

@@ -43,7 +43,7 @@ import numpy as np
 
 from fvae_core.runs.config import ConfigError, RunConfig, load_config, to_dict
 
-__all__ = ["NonFiniteHalt", "RunResult", "evaluate_vae", "resolve_data", "resume", "train"]
+__all__ = ["NonFiniteHalt", "RunResult", "evaluate_vae", "resolve_data", "resume", "steps_per_call", "train"]
 
 
 class NonFiniteHalt(RuntimeError):
@@ -226,6 +226,18 @@ def _init_params(cfg: RunConfig):
     return vae.config, vae.params
 
 
+def steps_per_call(cfg: RunConfig) -> int:
+    """Train steps per compiled call for ``cfg`` on this process's backend: ``cfg.steps_per_call``, or for 0
+    :func:`fvae_core.train_steps.default_steps_per_call` with the steps the run must stop at (eval, samples,
+    checkpoints, the critic's and the GAN's start)."""
+    from fvae_core.train_steps import default_steps_per_call
+
+    if cfg.steps_per_call:
+        return cfg.steps_per_call
+    r = cfg.recipe
+    return default_steps_per_call((cfg.eval_every, cfg.sample_every, cfg.ckpt_every, r.critic_start, r.disc_start))
+
+
 def resume(run_dir, **kw) -> RunResult:
     """Continue the run in ``run_dir`` from its latest checkpoint, with its stored config."""
     run_dir = Path(run_dir)
@@ -288,14 +300,34 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         return jax.make_array_from_process_local_data(batch_sh, x)
 
     steps = {}
+    stacked_sh = NamedSharding(mesh, P(None, "data"))
+    per_call = steps_per_call(cfg)
+    log(f"steps per call: {per_call}" + (" (auto)" if not cfg.steps_per_call else ""))
 
-    def step_for(phase, args):
-        if phase not in steps:  # compiled once per phase, then jax's tracing caches are dropped
+    def step_for(phase, n, args):
+        # compiled once per phase and call length, then jax's tracing caches are dropped
+        if (phase, n) not in steps:
             size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)
-            steps[phase] = compile_step(trainer.raw_step(phase, cfg.grad_accum), args, size, donate_argnums=(0,),
-                                        in_shardings=(state_sh, {"image": batch_sh}, repl, repl),
-                                        out_shardings=(state_sh, repl))
-        return steps[phase]
+            if n == 1:
+                fn, b_sh = trainer.raw_step(phase, cfg.grad_accum), batch_sh
+            else:
+                fn, b_sh = trainer.raw_steps(phase, cfg.grad_accum), stacked_sh
+            steps[(phase, n)] = compile_step(fn, args, size, donate_argnums=(0,),
+                                             in_shardings=(state_sh, {"image": b_sh}, repl, repl),
+                                             out_shardings=(state_sh, repl))
+        return steps[(phase, n)]
+
+    def call_length(step):
+        """``per_call`` when steps ``step .. step + per_call - 1`` are one phase and the run need not stop
+        between them (eval, samples, checkpoints, the end, ``stop_at``); else 1."""
+        n = per_call
+        last = step + n - 1
+        if n == 1 or last >= cfg.steps or (stop_at is not None and last >= stop_at) \
+                or trainer.phase_for_step(last) != trainer.phase_for_step(step):
+            return 1
+        if any((step + i) % e == 0 for i in range(1, n) for e in (cfg.eval_every, cfg.sample_every, cfg.ckpt_every)):
+            return 1
+        return n
 
     recon = jax.jit(trainer.eval_fn(), in_shardings=(repl, batch_sh), out_shardings=batch_sh)
     full_params = jax.jit(merge_params, out_shardings=repl)
@@ -358,49 +390,72 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         save_png(run_dir / "samples" / f"step_{done:07d}.png", grid)
         runlog.image(done, "samples/original|init|current|ema", grid)
 
-    try:
-        t_last, n_last = time.perf_counter(), start
-        for step in range(start, cfg.steps):
-            batch = next(it)
-            x = put_batch(np.asarray(batch["image"], np.float32) / 255.0)
-            rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step), repl)
-            phase = trainer.phase_for_step(step)
-            args = (state, {"image": x}, rng, lpips)
-            state, metrics = step_for(phase, args)(*args)
-            del args  # the donated state
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            skipped = m.get("gen/skipped", 0.0) > 0 or m.get("critic/skipped", 0.0) > 0
-            consecutive = consecutive + 1 if skipped else 0
-            skipped_total += int(skipped)
-            done = step + 1
-            if consecutive >= cfg.max_nonfinite:
-                runlog.event("halt-nonfinite", done, consecutive=consecutive)
-                raise NonFiniteHalt(f"stopped at step {done}: {consecutive} consecutive steps had a non-finite "
-                                    f"loss or gradient and were skipped; the last good checkpoint "
-                                    f"(step {ckpts.latest_step()}) is kept")
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                now = time.perf_counter()
-                rate = (done - n_last) / max(now - t_last, 1e-9)
-                t_last, n_last = now, done
-                runlog.scalars(done, {**m, "perf/steps_per_s": rate, "perf/img_per_s": rate * cfg.batch_size,
-                                      "skipped_total": skipped_total})
-                if bar is not None:
-                    bar.set_postfix({"loss": f"{m.get('loss/total', math.nan):.4f}",
-                                     "img/s": f"{rate * cfg.batch_size:.1f}", "skipped": skipped_total})
+    t_last, n_last = time.perf_counter(), start
+
+    def after_step(done, m, now, last):
+        """Counters, log, eval, samples, checkpoint after step ``done`` with metrics ``m``, finished at
+        ``now`` (interpolated inside a call of several steps); ``last``: the call's last step, the only one
+        at which the state is this step's. True when the run stops here."""
+        nonlocal consecutive, skipped_total, t_last, n_last, stopped
+        skipped = m.get("gen/skipped", 0.0) > 0 or m.get("critic/skipped", 0.0) > 0
+        consecutive = consecutive + 1 if skipped else 0
+        skipped_total += int(skipped)
+        if consecutive >= cfg.max_nonfinite:
+            runlog.event("halt-nonfinite", done, consecutive=consecutive)
+            raise NonFiniteHalt(f"stopped at step {done}: {consecutive} consecutive steps had a non-finite "
+                                f"loss or gradient and were skipped; the last good checkpoint "
+                                f"(step {ckpts.latest_step()}) is kept")
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rate = (done - n_last) / max(now - t_last, 1e-9)
+            t_last, n_last = now, done
+            runlog.scalars(done, {**m, "perf/steps_per_s": rate, "perf/img_per_s": rate * cfg.batch_size,
+                                  "skipped_total": skipped_total})
             if bar is not None:
-                bar.update()
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                evaluate(done)
-            if done % cfg.sample_every == 0 or done == cfg.steps:
-                sample(done)
-            halt = stop["signal"] is not None or (stop_at is not None and done >= stop_at)
-            if done % cfg.ckpt_every == 0 or done == cfg.steps or halt:
-                save(done)
-            if halt:
-                stopped = "signal" if stop["signal"] else "limit"
-                runlog.event("stopped", done, reason=stop["signal"] or "stop_at")
-                log(f"stopped at step {done} ({stop['signal'] or 'stop_at'}); checkpoint written. "
-                    f"Continue with: fvae train --resume {run_dir}")
+                bar.set_postfix({"loss": f"{m.get('loss/total', math.nan):.4f}",
+                                 "img/s": f"{rate * cfg.batch_size:.1f}", "skipped": skipped_total})
+        if bar is not None:
+            bar.update()
+        if not last:  # call_length keeps every stop below out of a call's inner steps
+            return False
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            evaluate(done)
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            sample(done)
+        halt = stop["signal"] is not None or (stop_at is not None and done >= stop_at)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or halt:
+            save(done)
+        if halt:
+            stopped = "signal" if stop["signal"] else "limit"
+            runlog.event("stopped", done, reason=stop["signal"] or "stop_at")
+            log(f"stopped at step {done} ({stop['signal'] or 'stop_at'}); checkpoint written. "
+                f"Continue with: fvae train --resume {run_dir}")
+        return halt
+
+    try:
+        step = start
+        while step < cfg.steps:
+            n = call_length(step)
+            phase = trainer.phase_for_step(step)
+            key = jax.random.PRNGKey(cfg.seed)
+            images = [np.asarray(next(it)["image"], np.float32) / 255.0 for _ in range(n)]
+            if n == 1:
+                x = put_batch(images[0])
+                rng = jax.device_put(jax.random.fold_in(key, step), repl)
+            else:  # the same batches and keys as n calls of one step
+                x = jax.make_array_from_process_local_data(stacked_sh, np.stack(images))
+                rng = jax.device_put(jnp.stack([jax.random.fold_in(key, step + i) for i in range(n)]), repl)
+            del images
+            t_call = time.perf_counter()
+            args = (state, {"image": x}, rng, lpips)
+            state, metrics = step_for(phase, n, args)(*args)
+            del args  # the donated state
+            rows = jax.device_get(metrics)
+            t_done = time.perf_counter()
+            for i in range(n):
+                m = {k: float(np.reshape(v, -1)[i]) for k, v in rows.items()}
+                after_step(step + i + 1, m, t_call + (t_done - t_call) * (i + 1) / n, i == n - 1)
+            step += n
+            if stopped != "done":
                 break
         if stopped == "done":
             _export(cfg, run_dir, vae_config, jax.device_get(full_params(state.ema, state.frozen)), log)
