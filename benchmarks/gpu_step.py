@@ -312,6 +312,15 @@ def _run_variant(v, args):
     return None, f"exit {p.returncode}"
 
 
+def _write_results(folder, res) -> None:
+    """``folder/results.json``, replaced whole (a temp file renamed over it): never half written."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)
@@ -321,7 +330,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=300, help="seconds per child")
     ap.add_argument("--out", default=None, help="folder for results.json (written after every child)")
     ap.add_argument("--from-json", default=None,
-                    help="report a saved results.json (from a GPU machine); adds the FLOP count here if missing")
+                    help="report a saved results.json (from a GPU machine); adds the FLOP count here if missing "
+                         "(and with --out writes the completed results.json there)")
     ap.add_argument("--_child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -346,6 +356,8 @@ def main(argv=None):
         for v in ("flops", "flops-subpixel"):
             if v not in res:
                 res[v] = _run_variant(v, args)[0]
+        if args.out:
+            _write_results(args.out, res)
         _report(res, args.batch, args.size)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -360,9 +372,7 @@ def main(argv=None):
             res.pop(v)
             res[v + "_error"] = err
         if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "results.json"), "w") as f:
-                json.dump(res, f, indent=1)
+            _write_results(args.out, res)
     _report(res, args.batch, args.size)
 
 

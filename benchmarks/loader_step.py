@@ -1,10 +1,12 @@
 """Does the input pipeline ever bound a train step? The step fed by the real loader vs the same step fed
 from batches held in memory (issue 8, goal 2: loader step time <= 1.05x the in-memory step time).
 
-A printed benchmark, not a test. The per-step work is what ``fvae_core.runs.train`` does each step:
-``next(iterator)``, uint8 -> float32 [0, 1], ``jax.device_put``, the jitted step (state donated, compiled
-ahead of time by :func:`fvae_core.train_steps.compile_step` at the first batch), then ``jax.device_get``
-of the metrics (the loop syncs every step). Only the source of the batch differs:
+A printed benchmark, not a test. The work per call is what ``fvae_core.runs.train`` does per call of
+``n`` steps (``steps_per_call``, as ``fvae train`` resolves it for the preset on this backend): ``n`` times
+``next(iterator)``, uint8 -> float32 [0, 1], ``jax.device_put`` (stacked for ``n > 1``), the jitted call
+(state donated, compiled ahead of time by :func:`fvae_core.train_steps.compile_step` at the first batch),
+then ``jax.device_get`` of the metrics (the loop syncs every call). Times are per step (a call's time over
+``n``). Only the source of the batches differs:
 
 * **loader**: ``make_iterator(train_dataset(...), workers=W)`` on a prepared OpenMoji set (the first
   ``--svgs`` SVGs rendered at the preset's ``render_size``), the preset's crop, augmentation and batch;
@@ -12,14 +14,14 @@ of the metrics (the loop syncs every step). Only the source of the batch differs
   then compete with XLA's threads for the same cores);
 * **memory**: ``--cache`` batches taken from that same iterator beforehand, cycled.
 
-Rounds alternate (loader K steps, memory K steps, ...); the first steps of each phase are dropped from
+Rounds alternate (loader K calls, memory K calls, ...); the first calls of each phase are dropped from
 the medians (``--settle``), and the time spent waiting in ``next()`` is reported on its own.
 Default: the ``tiny-cpu-finetune`` preset (batch 8, 64² crops, the committed tiny VAE's shape) from the
 adversarial phase, so the critic is included.
 
 Usage::
 
-    python benchmarks/loader_step.py                       # tiny-cpu-finetune, 3 rounds of 12 steps
+    python benchmarks/loader_step.py                       # tiny-cpu-finetune, 3 rounds of 12 calls
     python benchmarks/loader_step.py --workers 1 --rounds 5
 """
 from __future__ import annotations
@@ -40,9 +42,9 @@ def main(argv=None):
     ap.add_argument("--preset", default="tiny-cpu-finetune")
     ap.add_argument("--workers", type=int, default=None, help="loader processes (default: the preset's)")
     ap.add_argument("--svgs", type=int, default=400, help="OpenMoji SVGs to prepare (default 400)")
-    ap.add_argument("--steps", type=int, default=12, help="steps per phase and round")
+    ap.add_argument("--steps", type=int, default=12, help="calls (of steps_per_call steps) per phase and round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--settle", type=int, default=2, help="steps dropped at the start of each phase")
+    ap.add_argument("--settle", type=int, default=2, help="calls dropped at the start of each phase")
     ap.add_argument("--cache", type=int, default=8, help="batches held in memory")
     args = ap.parse_args(argv)
 
@@ -60,7 +62,7 @@ def main(argv=None):
     from fvae_core.data.loader import PreparedDataset, make_iterator, train_dataset
     from fvae_core.data.prepare import PrepareConfig, prepare
     from fvae_core.runs.config import preset
-    from fvae_core.runs.train import _init_params
+    from fvae_core.runs.train import _init_params, steps_per_call
     from fvae_core.train_steps import Trainer, activation_elements, compile_step
 
     cfg = preset(args.preset)
@@ -87,24 +89,28 @@ def main(argv=None):
         size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)  # as fvae_core.runs.train
         holder = {"state": state, "i": 0, "step": None}
         del state
+        n = steps_per_call(cfg)  # as fvae train: n batches per compiled call
 
-        def run(batch):
-            x = jax.device_put(np.asarray(batch["image"], np.float32) / 255.0)
-            rng = jax.random.fold_in(jax.random.PRNGKey(0), holder["i"])
+        def run(batches):
+            images = [np.asarray(b["image"], np.float32) / 255.0 for b in batches]
+            keys = [jax.random.fold_in(jax.random.PRNGKey(0), holder["i"] + i) for i in range(n)]
+            x = jax.device_put(images[0] if n == 1 else np.stack(images))
+            rng = keys[0] if n == 1 else jnp.stack(keys)
             args = (holder["state"], {"image": x}, rng, lp)
             if holder["step"] is None:  # as fvae train: compiled at the first batch, then jax's caches dropped
-                holder["step"] = compile_step(trainer.raw_step(phase, cfg.grad_accum), args, size, donate_argnums=(0,))
+                fn = trainer.raw_step(phase, cfg.grad_accum) if n == 1 else trainer.raw_steps(phase, cfg.grad_accum)
+                holder["step"] = compile_step(fn, args, size, donate_argnums=(0,))
             holder["state"], m = holder["step"](*args)
-            holder["i"] += 1
-            return {k: float(v) for k, v in jax.device_get(m).items()}
+            holder["i"] += n
+            return {k: np.asarray(v) for k, v in jax.device_get(m).items()}
 
         with make_iterator(ds, workers=workers) as it:
             t = time.perf_counter()
-            run(next(it))
+            run([next(it) for _ in range(n)])
             compile_s = time.perf_counter() - t
             for _ in range(2):
-                run(next(it))
-            cached = [next(it) for _ in range(args.cache)]
+                run([next(it) for _ in range(n)])
+            cached = [next(it) for _ in range(max(args.cache, n))]
             times = {"loader": [], "memory": []}
             waits = []
             for rnd in range(args.rounds):
@@ -112,17 +118,18 @@ def main(argv=None):
                     for k in range(args.steps):
                         t0 = time.perf_counter()
                         if source == "loader":
-                            b = next(it)
+                            b = [next(it) for _ in range(n)]
                             t1 = time.perf_counter()
                         else:
-                            b = cached[(rnd * args.steps + k) % len(cached)]
+                            j = (rnd * args.steps + k) * n
+                            b = [cached[(j + i) % len(cached)] for i in range(n)]
                             t1 = t0
                         run(b)
                         t2 = time.perf_counter()
-                        if k >= args.settle:
-                            times[source].append(t2 - t0)
+                        if k >= args.settle:  # per step: a call of n steps, with its n batches
+                            times[source].append((t2 - t0) / n)
                             if source == "loader":
-                                waits.append(t1 - t0)
+                                waits.append((t1 - t0) / n)
 
     med = {s: statistics.median(v) for s, v in times.items()}
     ratio = med["loader"] / med["memory"]
@@ -132,8 +139,9 @@ def main(argv=None):
           f"phase {phase}, {r.compute_dtype})\n")
     print(f"jax {jax.__version__} ({jax.default_backend()}), {os.cpu_count()} CPUs; loader workers {workers} "
           f"(0 = in-process, grain's 2 read threads); OpenMoji first {args.svgs} SVGs prepared at "
-          f"{cfg.data.render_size}² in {prep_s:.1f} s; step compile {compile_s:.1f} s. Medians of "
-          f"{len(times['loader'])} steps per source over {args.rounds} alternating rounds. Host allocator (as "
+          f"{cfg.data.render_size}² in {prep_s:.1f} s; step compile {compile_s:.1f} s; {n} step(s) per "
+          f"compiled call, as `fvae train` (times are per step: a call and its {n} batch(es), divided by {n}). "
+          f"Medians of {len(times['loader'])} calls per source over {args.rounds} alternating rounds. Host allocator (as "
           f"`fvae train`; its restart with huge pages for large steps is not done here): {host_allocator}.\n")
     print("| batches from | step (median) | img/s | of which waiting in next() (median / max) |")
     print("|---|---|---|---|")

@@ -164,7 +164,8 @@ def test_several_steps_per_call_match_one_per_call_and_resume_exactly(cache, str
 
 
 def test_multi_device_matches_single_device(cache, tmp_path):
-    """4 simulated CPU devices (batch sharded, state replicated; and with param sharding) against 1 device."""
+    """4 simulated CPU devices (batch sharded, params sharded, three steps in one call) against 1 device,
+    one step per call."""
     script = textwrap.dedent(f"""
         import os, json
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -189,8 +190,11 @@ def test_multi_device_matches_single_device(cache, tmp_path):
         res = {{}}
         # "fsdp" shards the batch and the large params over 4 devices; plain data parallelism (replicated
         # state) is the same program with replicated param specs, whose spec is asserted above. One
-        # 4-device run instead of two keeps the suite inside CI's time (each costs a compile).
-        for name, extra in [("one", ["devices=1"]), ("fsdp", ["devices=4", "param_sharding=true"])]:
+        # 4-device run instead of two keeps the suite inside CI's time (each costs a compile). It runs its
+        # 3 steps as one call (steps_per_call=3: the stacked batches sharded along their batch axis), the
+        # 1-device run one step per call.
+        for name, extra in [("one", ["devices=1", "steps_per_call=1"]),
+                            ("fsdp", ["devices=4", "param_sharding=true", "steps_per_call=3"])]:
             cfg = apply_overrides(preset("smoke"), base + extra)
             run = os.path.join({str(tmp_path)!r}, name)
             train(cfg, run, progress=False, log=lambda m: None)
