@@ -296,8 +296,8 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
     lpips = trainer.step_lpips(cfg.lpips_net, cfg.data.crop)
     lpips = jax.device_put(lpips, repl) if lpips is not None else None
 
-    def put_batch(x):
-        return jax.make_array_from_process_local_data(batch_sh, x)
+    def put_batch(x, sharding=batch_sh):
+        return jax.make_array_from_process_local_data(sharding, x)
 
     steps = {}
     stacked_sh = NamedSharding(mesh, P(None, "data"))
@@ -395,7 +395,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
     def after_step(done, m, now, last):
         """Counters, log, eval, samples, checkpoint after step ``done`` with metrics ``m``, finished at
         ``now`` (interpolated inside a call of several steps); ``last``: the call's last step, the only one
-        at which the state is this step's. True when the run stops here."""
+        at which the state is this step's. A stop sets ``stopped``."""
         nonlocal consecutive, skipped_total, t_last, n_last, stopped
         skipped = m.get("gen/skipped", 0.0) > 0 or m.get("critic/skipped", 0.0) > 0
         consecutive = consecutive + 1 if skipped else 0
@@ -416,7 +416,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         if bar is not None:
             bar.update()
         if not last:  # call_length keeps every stop below out of a call's inner steps
-            return False
+            return
         if done % cfg.eval_every == 0 or done == cfg.steps:
             evaluate(done)
         if done % cfg.sample_every == 0 or done == cfg.steps:
@@ -429,7 +429,6 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
             runlog.event("stopped", done, reason=stop["signal"] or "stop_at")
             log(f"stopped at step {done} ({stop['signal'] or 'stop_at'}); checkpoint written. "
                 f"Continue with: fvae train --resume {run_dir}")
-        return halt
 
     try:
         step = start
@@ -442,7 +441,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
                 x = put_batch(images[0])
                 rng = jax.device_put(jax.random.fold_in(key, step), repl)
             else:  # the same batches and keys as n calls of one step
-                x = jax.make_array_from_process_local_data(stacked_sh, np.stack(images))
+                x = put_batch(np.stack(images), stacked_sh)
                 rng = jax.device_put(jnp.stack([jax.random.fold_in(key, step + i) for i in range(n)]), repl)
             del images
             t_call = time.perf_counter()
