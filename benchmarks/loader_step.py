@@ -63,7 +63,7 @@ def main(argv=None):
     from fvae_core.data.prepare import PrepareConfig, prepare
     from fvae_core.runs.config import preset
     from fvae_core.runs.train import _init_params, steps_per_call
-    from fvae_core.train_steps import Trainer, activation_elements, compile_step
+    from fvae_core.train_steps import Trainer, activation_elements, compile_step, step_keys
 
     cfg = preset(args.preset)
     workers = cfg.data.workers if args.workers is None else args.workers
@@ -93,13 +93,11 @@ def main(argv=None):
 
         def run(batches):
             images = [np.asarray(b["image"], np.float32) / 255.0 for b in batches]
-            keys = [jax.random.fold_in(jax.random.PRNGKey(0), holder["i"] + i) for i in range(n)]
             x = jax.device_put(images[0] if n == 1 else np.stack(images))
-            rng = keys[0] if n == 1 else jnp.stack(keys)
-            args = (holder["state"], {"image": x}, rng, lp)
+            args = (holder["state"], {"image": x}, step_keys(jax.random.PRNGKey(0), holder["i"], n), lp)
             if holder["step"] is None:  # as fvae train: compiled at the first batch, then jax's caches dropped
-                fn = trainer.raw_step(phase, cfg.grad_accum) if n == 1 else trainer.raw_steps(phase, cfg.grad_accum)
-                holder["step"] = compile_step(fn, args, size, donate_argnums=(0,))
+                holder["step"] = compile_step(trainer.raw_call(phase, cfg.grad_accum, n), args, size,
+                                              donate_argnums=(0,))
             holder["state"], m = holder["step"](*args)
             holder["i"] += n
             return {k: np.asarray(v) for k, v in jax.device_get(m).items()}

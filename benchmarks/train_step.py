@@ -418,7 +418,7 @@ def _fvae_setup(spec, params):
     import jax.numpy as jnp
     import numpy as np
 
-    from fvae_core.train_steps import activation_elements, compile_step, release_host_memory
+    from fvae_core.train_steps import activation_elements, compile_step, release_host_memory, step_keys
 
     release_host_memory()  # after the weights are built, as fvae_core.runs.train does
     trainer = _fvae_trainer(spec)
@@ -427,29 +427,27 @@ def _fvae_setup(spec, params):
     state = state.replace(step=jnp.asarray(spec["step"], jnp.int32))
     assert trainer.phase_for_step(spec["step"]) == "adversarial"
     n = _steps_per_call(spec)
-    rng = jax.random.PRNGKey(2)
-    if n == 1:
-        batch = {"image": jnp.asarray(_images(spec))}
-        fn = trainer.raw_step("adversarial")
-    else:
-        batch = {"image": jnp.asarray(np.stack([_images(spec, seed=i) for i in range(n)]))}
-        rng = jax.random.split(rng, n)
-        fn = trainer.raw_steps("adversarial")
+    images = [_images(spec, seed=i) for i in range(n)]
+    batch = {"image": jnp.asarray(images[0] if n == 1 else np.stack(images))}
+    rng = step_keys(jax.random.PRNGKey(2), 0, n)
     t = time.perf_counter()
     size = activation_elements(trainer.vae_config, spec["batch"], spec["size"])  # as fvae_core.runs.train
     # as fvae_core.runs.train does: compiled ahead of time, then jax's tracing caches are dropped
-    step_c = compile_step(fn, (state, batch, rng, lp), size, donate_argnums=(0,))
+    step_c = compile_step(trainer.raw_call("adversarial", 1, n), (state, batch, rng, lp), size,
+                          donate_argnums=(0,))
     compile_s = time.perf_counter() - t
     return trainer, lp, state, batch, rng, step_c, compile_s
 
 
 def _call_keys(rng, i):
-    """Fresh keys for call ``i``: one key, or ``n`` keys for a call of ``n`` steps."""
+    """The keys of call ``i``, whose first call's keys are ``rng`` (one key, or ``n`` for ``n`` steps): those of
+    steps ``i n .. i n + n - 1`` (:func:`fvae_core.train_steps.step_keys` of ``PRNGKey(2)``)."""
     import jax
 
-    if rng.ndim == 1:
-        return jax.random.fold_in(rng, i)
-    return jax.vmap(lambda k: jax.random.fold_in(k, i))(rng)
+    from fvae_core.train_steps import step_keys
+
+    n = 1 if rng.ndim == 1 else rng.shape[0]
+    return step_keys(jax.random.PRNGKey(2), i * n, n)
 
 
 def _flops(compiled_or_lowered):

@@ -337,6 +337,11 @@ class Trainer:
             raise ValueError(f"phase {phase!r} not in {PHASES}")
         return partial(_train_step, self, phase, grad_accum)
 
+    def raw_call(self, phase: str, grad_accum: int = 1, steps: int = 1) -> Callable:
+        """:meth:`raw_step` for ``steps == 1``, else :meth:`raw_steps`: the function a call of ``steps``
+        steps runs (its batch and keys as :func:`step_keys` and a stacked batch give them)."""
+        return self.raw_step(phase, grad_accum) if steps == 1 else self.raw_steps(phase, grad_accum)
+
     def raw_steps(self, phase: str, grad_accum: int = 1) -> Callable:
         """The un-jitted ``steps(state, batches, rngs, lpips) -> (state, metrics)`` that runs ``len(rngs)``
         train steps of one phase in a single call (``lax.scan``; ``batches["image"]`` is ``[n, B, H, W, 3]``,
@@ -869,6 +874,15 @@ def _train_steps(trainer: Trainer, phase: str, accum: int, state: TrainState, ba
 
     with loop_body():
         return lax.scan(body, state, (batches, rngs))
+
+
+def step_keys(key: jax.Array, first: int, steps: int = 1) -> jax.Array:
+    """The RNG key of step ``first`` (``fold_in(key, first)``), or for ``steps > 1`` the ``[steps]`` keys of
+    steps ``first .. first + steps - 1`` stacked, for :meth:`Trainer.raw_steps`: the same keys as that many
+    one-step calls."""
+    if steps == 1:
+        return jax.random.fold_in(key, first)
+    return jnp.stack([jax.random.fold_in(key, first + i) for i in range(steps)])
 
 
 def _critic_step(trainer: Trainer, state: TrainState, batch, rng):

@@ -254,7 +254,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
     from fvae_core.runs.checkpoint import Checkpoints
     from fvae_core.runs.log import RunLog, environment_record
     from fvae_core.train_steps import (Trainer, activation_elements, compile_step, merge_params,
-                                       release_host_memory, tune_host_allocator)
+                                       release_host_memory, step_keys, tune_host_allocator)
 
     t_start = time.perf_counter()
     host_allocator = tune_host_allocator()  # first: it acts only before jax's backends start
@@ -308,11 +308,9 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         # compiled once per phase and call length, then jax's tracing caches are dropped
         if (phase, n) not in steps:
             size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)
-            if n == 1:
-                fn, b_sh = trainer.raw_step(phase, cfg.grad_accum), batch_sh
-            else:
-                fn, b_sh = trainer.raw_steps(phase, cfg.grad_accum), stacked_sh
-            steps[(phase, n)] = compile_step(fn, args, size, donate_argnums=(0,),
+            b_sh = batch_sh if n == 1 else stacked_sh
+            steps[(phase, n)] = compile_step(trainer.raw_call(phase, cfg.grad_accum, n), args, size,
+                                             donate_argnums=(0,),
                                              in_shardings=(state_sh, {"image": b_sh}, repl, repl),
                                              out_shardings=(state_sh, repl))
         return steps[(phase, n)]
@@ -435,14 +433,10 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         while step < cfg.steps:
             n = call_length(step)
             phase = trainer.phase_for_step(step)
-            key = jax.random.PRNGKey(cfg.seed)
             images = [np.asarray(next(it)["image"], np.float32) / 255.0 for _ in range(n)]
-            if n == 1:
-                x = put_batch(images[0])
-                rng = jax.device_put(jax.random.fold_in(key, step), repl)
-            else:  # the same batches and keys as n calls of one step
-                x = put_batch(np.stack(images), stacked_sh)
-                rng = jax.device_put(jnp.stack([jax.random.fold_in(key, step + i) for i in range(n)]), repl)
+            # the same batches and keys as n calls of one step
+            x = put_batch(images[0]) if n == 1 else put_batch(np.stack(images), stacked_sh)
+            rng = jax.device_put(step_keys(jax.random.PRNGKey(cfg.seed), step, n), repl)
             del images
             t_call = time.perf_counter()
             args = (state, {"image": x}, rng, lpips)
