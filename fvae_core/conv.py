@@ -19,7 +19,7 @@ caller transposes once (LPIPS). :func:`winograd_conv3x3` is a 3x3 "same" conv by
 algorithm, for frozen kernels transformed once (:func:`winograd_kernel`; LPIPS-VGG's convs on small images),
 and :func:`winograd_conv2d` the same conv with a trainable kernel and both gradients (0.37-0.5x the direct
 conv's fwd+bwd time per conv for the sd-vae-ft-mse autoencoder's 512-channel layers at 32^2-64^2), which
-:func:`conv2d` takes only where :data:`CONV2D_WINOGRAD_MIN_CHANNELS` is set (off by default: memory).
+:func:`conv2d` takes for convs of at least :data:`CONV2D_WINOGRAD_MIN_CHANNELS` channels on small images.
 
 Measured per conv (fwd+bwd, same process, alternating): 0.15-0.7x XLA's time for 128-512 input channels
 at 128^2-256^2, but slower for 32-64 channels, where XLA's own kernel gradient is fast. So by default
@@ -340,13 +340,13 @@ WINOGRAD_MIN_CHANNELS = 64
 #: (B1-B4, 256^2 crops), 0.91x for 64 channels at 64^2, B8; but 1.2x for 128 channels at 128^2 and 1.7x for
 #: 64 channels at 256^2, where XLA's direct conv runs near the matmul peak.
 WINOGRAD_MAX_PIXELS = 64 * 64
-#: :func:`conv2d` (the autoencoder's convs) uses :func:`winograd_conv2d` from this many channels; None (the
-#: default): never. Off because of memory: with 128 the sd-vae-ft-mse B1 step was 6% faster (median; 15% by
-#: the fastest repetition) but its peak RSS rose 218 MB, to 1.05x PyTorch's (a larger executable, and the
-#: tiles of the 64^2 layers), and its compile took 22 s longer. With 64 the tiny-cpu step was 7% faster, but
-#: compiled 20 s (50%) longer, which the test suite would pay at every step it compiles. Set it (e.g. 128) for
-#: CPU runs with memory to spare (``benchmarks/RESULTS.md``).
-CONV2D_WINOGRAD_MIN_CHANNELS: int | None = None
+#: :func:`conv2d` (the autoencoder's convs) uses :func:`winograd_conv2d` from this many channels (and
+#: :func:`use_winograd`'s image-size and backend rule); None: never. 128 since the thirteenth round: the
+#: sd-vae-ft-mse B1 step (4 steps per call) took 5.59 s against 6.39 s without (0.87x; encoder only 6.21 s,
+#: decoder only 5.87 s), for 355 MB more peak RSS in the same process, which B1's margin under PyTorch's now
+#: holds (it did not in the fifth round, when it was first measured: +218 MB took B1 to 1.05x torch's), and
+#: 15 s more compile. The tiny presets' convs (at most 64 channels) are unaffected (``benchmarks/RESULTS.md``).
+CONV2D_WINOGRAD_MIN_CHANNELS: int | None = 128
 
 
 def _combine(coeffs, items):

@@ -325,7 +325,7 @@ def test_winograd_conv2d_value_and_both_gradients_match_float64(shape_x, cout):
 
 
 def test_conv2d_dispatches_wide_small_convs_to_winograd(monkeypatch):
-    """With CONV2D_WINOGRAD_MIN_CHANNELS set (off by default), conv2d takes the Winograd path (16 matmuls,
+    """With CONV2D_WINOGRAD_MIN_CHANNELS set (128 by default; None turns it off), conv2d takes the Winograd path (16 matmuls,
     no convolution) for a float32 3x3 conv with that many channels on a small image, and the direct conv
     otherwise: fewer channels, bf16, a stride, an explicit ``custom_grad`` or ``winograd=False``, a larger
     image, or another backend."""
@@ -336,9 +336,11 @@ def test_conv2d_dispatches_wide_small_convs_to_winograd(monkeypatch):
         return eqns.count("dot_general"), eqns.count("conv_general_dilated")
 
     x, k = _data((2, 16, 16, 128), (3, 3, 128, 128))
-    assert C.CONV2D_WINOGRAD_MIN_CHANNELS is None and ops(C.conv2d, x, k)[1] > 0  # off by default
-    monkeypatch.setattr(C, "CONV2D_WINOGRAD_MIN_CHANNELS", 128)
+    assert C.CONV2D_WINOGRAD_MIN_CHANNELS == 128
     assert ops(C.conv2d, x, k) == (48, 0)  # forward, dx and the kernel cotangent: 16 matmuls each
+    monkeypatch.setattr(C, "CONV2D_WINOGRAD_MIN_CHANNELS", None)
+    assert ops(C.conv2d, x, k)[1] > 0      # off
+    monkeypatch.setattr(C, "CONV2D_WINOGRAD_MIN_CHANNELS", 128)
     assert ops(lambda x, k: C.conv2d(x, k, winograd=False), x, k)[1] > 0
     assert ops(lambda x, k: C.conv2d(x, k, custom_grad=False), x, k)[1] > 0
     assert ops(lambda x, k: C.conv2d(x, k, stride=2), x, k)[1] > 0
