@@ -38,7 +38,10 @@ Measurements, each config in child processes (RSS is per process):
   fvae_core.conv's kernel gradient is a 9-tap ``fori_loop``, so the compiled count misses 8/9 of those
   FLOPs; the step is therefore also lowered (not compiled) with fvae_core.conv's custom gradient switched
   off, whose cost analysis is loop-free: that count is used for GFLOP/s. The torch step's FLOPs are
-  counted with ``torch.utils.flop_counter.FlopCounterMode`` (one extra step);
+  counted with ``torch.utils.flop_counter.FlopCounterMode`` (one extra step). fvae executes fewer FLOPs than
+  torch for the same step (Winograd convs, the sub-pixel upsample), so the FLOP rate of what fvae executes
+  understates how much work it gets through; the "model GFLOP/s" row divides torch's count, the direct
+  algorithm's work, by fvae's step time (as MFU counts a model's FLOPs, not an implementation's);
 * the achieved fraction of this machine's matmul peak, measured here: a 4096^3 fp32 matmul in JAX (and in
   torch, for reference), median of 5, in a child of its own; and, because a shared machine's load drifts,
   the same JAX matmul once after every step repetition in the timing child, with the 1-minute load average
@@ -783,6 +786,12 @@ def _report(results, peak, args, total):
         pp = statistics.median(res["probe_peak"])
         print(_row("", f"matmul peak probed between the step reps (JAX {PEAK_N}³, median): {pp / 1e9:.0f} GFLOP/s; "
                        "fraction of it", f"{rate_f / pp:.0%}", f"{rate_t / pp:.0%}" if rate_t else "—"))
+        if tf:  # MFU-style: the direct algorithm's work (torch's count) over fvae's time
+            model_f = tf / f
+            fracs = [f"{model_f / peak['jax_fp32']:.0%} of the peak above"] if peak else []
+            fracs.append(f"{model_f / pp:.0%} of the between-reps probe")
+            print(_row("", "model GFLOP/s: torch's FLOP count (direct convs, no Winograd or sub-pixel savings) "
+                           "over fvae's step time", f"{model_f / 1e9:.0f} ({', '.join(fracs)})", ""))
         la = res["loadavg"]
         print(_row("", f"load average (1 min) before / after the timed reps ({os.cpu_count()} CPUs)",
                    f"{la['start'][0]:.1f} / {la['end'][0]:.1f}", ""))

@@ -325,10 +325,10 @@ def test_winograd_conv2d_value_and_both_gradients_match_float64(shape_x, cout):
 
 
 def test_conv2d_dispatches_wide_small_convs_to_winograd(monkeypatch):
-    """With CONV2D_WINOGRAD_MIN_CHANNELS set (128 by default; None turns it off), conv2d takes the Winograd path (16 matmuls,
-    no convolution) for a float32 3x3 conv with that many channels on a small image, and the direct conv
-    otherwise: fewer channels, bf16, a stride, an explicit ``custom_grad`` or ``winograd=False``, a larger
-    image, or another backend."""
+    """With CONV2D_WINOGRAD_MIN_CHANNELS set (128 by default; None turns it off), conv2d takes the Winograd
+    path (16 matmuls, no convolution) for a float32 3x3 conv with that many channels on a small image, and
+    the direct conv otherwise: fewer channels, bf16, a stride, an explicit ``custom_grad`` or
+    ``winograd=False``, a larger image, or another backend."""
     import fvae_core.conv as C
 
     def ops(fn, *args):
