@@ -196,6 +196,39 @@ def test_wide_decoder_on_winograd_path_matches_diffusers_with_gradients(monkeypa
         assert np.abs(np.asarray(g, np.float64) - r).max() / scale < 1e-4, jax.tree_util.keystr(path)
 
 
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="Winograd is the default on XLA:CPU only")
+def test_wide_encoder_on_default_winograd_path_matches_diffusers():
+    """By default (CONV2D_WINOGRAD_MIN_CHANNELS = 128) a 128-channel encoder's 3x3 convs on small images
+    run as Winograd F(2x2, 3x3) on the CPU, as the frozen encoder of the sd-vae-ft-mse step does at 64^2 and
+    below: the posterior's mean and log-variance against diffusers run in float64."""
+    from conftest import make_torch_vae
+
+    E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
+    cfg = VAEConfig(block_out_channels=(128, 128), down_block_types=(E,) * 2, up_block_types=(D,) * 2,
+                    layers_per_block=1, norm_num_groups=32)
+    model = make_torch_vae(cfg).double()
+    params = params_from_diffusers_state_dict(torch_state_numpy(model), cfg)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    m = AutoencoderKL(cfg)
+    x = np.random.default_rng(6).uniform(-1, 1, (2, 12, 20, 3))
+
+    def moments(p, xx):
+        post = m.apply({"params": p}, xx, method=m.encode)
+        return post.mean, post.logvar
+
+    xf = jnp.asarray(x, jnp.float32)
+    # 8 of the encoder's convs are 128 -> 128 3x3 stride-1 (two per resnet block: two blocks, two in the mid
+    # block); each is 16 matmuls on the Winograd path (conv_in, the downsample and conv_out stay convs).
+    jaxpr = str(jax.make_jaxpr(moments)(params, xf))
+    assert jaxpr.count("dot_general") >= 16 * 8, "the encoder's 128-channel convs did not take the Winograd path"
+    mean, logvar = jax.jit(moments)(params, xf)
+    with torch.no_grad():
+        post_t = model.encode(nchw(x)).latent_dist
+    for got, ref in ((mean, nhwc(post_t.mean)), (logvar, nhwc(post_t.logvar))):
+        assert np.abs(np.asarray(got, np.float64) - ref).max() < 1e-5 * max(1.0, float(np.abs(ref).max()))
+
+
 def _get_path(tree, path):
     for k in path:
         tree = tree[k.key]
