@@ -154,14 +154,10 @@ def test_group_norm_matches_torch_with_gradients(shape, groups):
         assert np.abs(np.asarray(got) - ref).max() / np.abs(ref).max() < 1e-5, name
 
 
-def test_wide_decoder_on_winograd_path_matches_diffusers_with_gradients(monkeypatch):
-    """A 128-channel model whose 3x3 convs on small images take fvae_core.conv's Winograd path (switched on
-    here, checked below): decoding and the loss gradient of every decoder param against diffusers run in
-    float64."""
-    import fvae_core.conv
+def _wide_model():
+    """A two-block model with 128 channels throughout (but conv_in's input and conv_out's output): its config,
+    diffusers' model in float64 (the oracle), our params in float32, and our module."""
     from conftest import make_torch_vae
-
-    monkeypatch.setattr(fvae_core.conv, "CONV2D_WINOGRAD_MIN_CHANNELS", 128)
 
     E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
     cfg = VAEConfig(block_out_channels=(128, 128), down_block_types=(E,) * 2, up_block_types=(D,) * 2,
@@ -169,7 +165,17 @@ def test_wide_decoder_on_winograd_path_matches_diffusers_with_gradients(monkeypa
     model = make_torch_vae(cfg).double()
     params = params_from_diffusers_state_dict(torch_state_numpy(model), cfg)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
-    m = AutoencoderKL(cfg)
+    return cfg, model, params, AutoencoderKL(cfg)
+
+
+def test_wide_decoder_on_winograd_path_matches_diffusers_with_gradients(monkeypatch):
+    """A 128-channel model whose 3x3 convs on small images take fvae_core.conv's Winograd path (switched on
+    here, checked below): decoding and the loss gradient of every decoder param against diffusers run in
+    float64."""
+    import fvae_core.conv
+
+    monkeypatch.setattr(fvae_core.conv, "CONV2D_WINOGRAD_MIN_CHANNELS", 128)
+    cfg, model, params, m = _wide_model()
     z = np.random.default_rng(4).standard_normal((2, 6, 10, cfg.latent_channels))
     w = np.random.default_rng(5).standard_normal((2, 12, 20, 3))
 
@@ -196,21 +202,12 @@ def test_wide_decoder_on_winograd_path_matches_diffusers_with_gradients(monkeypa
         assert np.abs(np.asarray(g, np.float64) - r).max() / scale < 1e-4, jax.tree_util.keystr(path)
 
 
-
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="Winograd is the default on XLA:CPU only")
 def test_wide_encoder_on_default_winograd_path_matches_diffusers():
     """By default (CONV2D_WINOGRAD_MIN_CHANNELS = 128) a 128-channel encoder's 3x3 convs on small images
     run as Winograd F(2x2, 3x3) on the CPU, as the frozen encoder of the sd-vae-ft-mse step does at 64^2 and
     below: the posterior's mean and log-variance against diffusers run in float64."""
-    from conftest import make_torch_vae
-
-    E, D = "DownEncoderBlock2D", "UpDecoderBlock2D"
-    cfg = VAEConfig(block_out_channels=(128, 128), down_block_types=(E,) * 2, up_block_types=(D,) * 2,
-                    layers_per_block=1, norm_num_groups=32)
-    model = make_torch_vae(cfg).double()
-    params = params_from_diffusers_state_dict(torch_state_numpy(model), cfg)
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
-    m = AutoencoderKL(cfg)
+    cfg, model, params, m = _wide_model()
     x = np.random.default_rng(6).uniform(-1, 1, (2, 12, 20, 3))
 
     def moments(p, xx):
