@@ -346,7 +346,7 @@ WINOGRAD_MAX_PIXELS = 64 * 64
 #: decoder only 5.87 s), for 355 MB more peak RSS in the same process, which B1's margin under PyTorch's now
 #: holds (it did not in the fifth round, when it was first measured: +218 MB took B1 to 1.05x torch's), and
 #: 15 s more compile; in ``benchmarks/train_step.py`` B1 went from 1.01x to 0.92-0.94x torch's time, B4 from
-#: 0.77-0.79x to 0.68-0.69x. The tiny presets' convs (at most 64 channels) are unaffected: 64 would reach
+#: 0.77-0.79x to 0.68-0.70x. The tiny presets' convs (at most 64 channels) are unaffected: 64 would reach
 #: them (7% faster, but 20 s (50%) more compile, which the test suite would pay at every step it compiles;
 #: fifth round). See ``benchmarks/RESULTS.md``.
 CONV2D_WINOGRAD_MIN_CHANNELS: int | None = 128
