@@ -421,7 +421,7 @@ def _fvae_setup(spec, params):
     import jax.numpy as jnp
     import numpy as np
 
-    from fvae_core.train_steps import activation_elements, compile_step, release_host_memory, step_keys
+    from fvae_core.train_steps import activation_elements, compile_step, release_host_memory
 
     release_host_memory()  # after the weights are built, as fvae_core.runs.train does
     trainer = _fvae_trainer(spec)
@@ -432,7 +432,7 @@ def _fvae_setup(spec, params):
     n = _steps_per_call(spec)
     images = [_images(spec, seed=i) for i in range(n)]
     batch = {"image": jnp.asarray(images[0] if n == 1 else np.stack(images))}
-    rng = step_keys(jax.random.PRNGKey(2), 0, n)
+    rng = _call_keys(n, 0)
     t = time.perf_counter()
     size = activation_elements(trainer.vae_config, spec["batch"], spec["size"])  # as fvae_core.runs.train
     # as fvae_core.runs.train does: compiled ahead of time, then jax's tracing caches are dropped
@@ -442,15 +442,18 @@ def _fvae_setup(spec, params):
     return trainer, lp, state, batch, rng, step_c, compile_s
 
 
-def _call_keys(rng, i):
-    """The keys of call ``i``, whose first call's keys are ``rng`` (one key, or ``n`` for ``n`` steps): those of
-    steps ``i n .. i n + n - 1`` (:func:`fvae_core.train_steps.step_keys` of ``PRNGKey(2)``)."""
+#: The seed of the fvae step's RNG keys in the benchmark.
+STEP_KEY_SEED = 2
+
+
+def _call_keys(n, i):
+    """The keys of call ``i`` of ``n`` steps each (one key, or ``[n]``): those of steps ``i n .. i n + n - 1``
+    (:func:`fvae_core.train_steps.step_keys` of ``PRNGKey(STEP_KEY_SEED)``)."""
     import jax
 
     from fvae_core.train_steps import step_keys
 
-    n = 1 if rng.ndim == 1 else rng.shape[0]
-    return step_keys(jax.random.PRNGKey(2), i * n, n)
+    return step_keys(jax.random.PRNGKey(STEP_KEY_SEED), i * n, n)
 
 
 def _flops(compiled_or_lowered):
@@ -618,7 +621,7 @@ def _child_time(spec, reps, breakdown, torch_flops):
     flops = {"fvae_compiled": _flops(step_c)}
     flops["fvae_loop_free"] = _loop_free_flops(trainer, state, one, rng if n == 1 else rng[0], lp)
 
-    keys = [_call_keys(rng, i) for i in range(2 * reps + 4)]
+    keys = [_call_keys(n, i) for i in range(2 * reps + 4)]
     holder = {"state": state, "i": 0, "metrics": None}
     del state
 
@@ -699,11 +702,11 @@ def _child_rss(spec, framework):
         from fvae_core.autoencoder import init_params
 
         params = init_params(_fvae_trainer(spec).vae_config)
-        _, lp, state, batch, rng, step_c, _ = _fvae_setup(spec, params)
+        _, lp, state, batch, _, step_c, _ = _fvae_setup(spec, params)
         del params
         rss_setup = rss_now()
         for i in range(2):  # two calls (of steps_per_call steps each)
-            state, m = step_c(state, batch, _call_keys(rng, i), lp)
+            state, m = step_c(state, batch, _call_keys(_steps_per_call(spec), i), lp)
             jax.block_until_ready((state, m))
     else:
         tstep = TorchStep(spec)
