@@ -36,6 +36,8 @@ actually Converge?" (R1); Goodfellow et al. 2014 (non-saturating loss); Lim & Ye
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from typing import Any, Callable
 
@@ -381,8 +383,16 @@ _REGISTRY = {
 }
 
 
-def validate_critic(norm: str, objective: str) -> None:
-    """Refuse a critic configuration that cannot work, with a one-line ValueError, before any compute."""
+def normed_channels(ndf: int, n_layers: int = 3) -> tuple[int, ...]:
+    """The channel counts of :class:`PatchGAN`'s normalised convs (``main_2``, ``main_5``, ...)."""
+    return tuple(ndf * min(2 ** n, 8) for n in range(1, n_layers + 1))
+
+
+def validate_critic(norm: str, objective: str, ndf: int | None = None, n_layers: int = 3,
+                    groups: int = 32) -> None:
+    """Refuse a critic configuration that cannot work, with a one-line ValueError, before any compute.
+    With ``ndf`` given, the width is checked too: at least 1, and for group norm every normalised conv's
+    channel count (:func:`normed_channels`) divisible by ``groups``."""
     if norm not in NORMS:
         raise ValueError(f"unknown critic norm {norm!r}; choose one of {NORMS}")
     if objective not in _REGISTRY:
@@ -390,6 +400,16 @@ def validate_critic(norm: str, objective: str) -> None:
     if norm == "batch" and objective in PER_SAMPLE_PENALTY_OBJECTIVES:
         raise ValueError(f"critic norm 'batch' cannot be used with objective {objective!r}: batch statistics "
                          f"couple the samples, so its per-sample gradient penalty is invalid; use norm 'layer'")
+    if ndf is None:
+        return
+    if ndf < 1 or n_layers < 1:
+        raise ValueError(f"critic width ndf ({ndf}) and n_layers ({n_layers}) must be >= 1")
+    if norm == "group":
+        bad = [c for c in normed_channels(ndf, n_layers) if c % groups]
+        if bad:
+            raise ValueError(f"critic norm 'group' needs channel counts divisible by {groups} groups, but "
+                             f"critic_ndf {ndf} gives {bad[0]} channels; use critic_ndf a multiple of "
+                             f"{groups // math.gcd(2, groups)}, or norm 'layer'")
 
 
 def critic_objective(name: str = "wgan-gp", *, norm: str = "layer", penalty_weight: float | None = None,

@@ -103,7 +103,7 @@ class RecipeConfig:
             bad(f"latent {self.latent!r} not in ('sample', 'mean')")
         if self.gan != "none":
             try:
-                validate_critic(self.critic_norm, self.gan)
+                validate_critic(self.critic_norm, self.gan, self.critic_ndf)
             except ValueError as e:
                 bad(str(e))
         if self.critic_space not in ("srgb", "oklab"):
@@ -168,13 +168,17 @@ def _is_small(leaf, limit: int) -> bool:
 def _pack(tree, like=None, limit: int | None = None) -> dict:
     """``{"small": the float32 leaves of at most ``limit`` elements (default :data:`SMALL_LEAF_ELEMENTS`) of
     ``tree`` raveled into one vector, "big": the other leaves}``; which leaves are small is read from
-    ``like`` (a tree of the same structure; default ``tree``)."""
+    ``like`` (a tree of the same structure; default ``tree``). A tree without small leaves (an empty tree,
+    such as the critic of a run without a GAN) has no "small" entry: an empty vector would be a leaf that
+    no checkpoint can hold (orbax refuses zero-size arrays)."""
     limit = SMALL_LEAF_ELEMENTS if limit is None else limit
     leaves = jax.tree_util.tree_leaves(tree)
     flags = [_is_small(x, limit) for x in jax.tree_util.tree_leaves(tree if like is None else like)]
     vec = [x.reshape(-1) for x, f in zip(leaves, flags) if f]
-    return {"small": jnp.concatenate(vec) if vec else jnp.zeros((0,), jnp.float32),
-            "big": tuple(x for x, f in zip(leaves, flags) if not f)}
+    packed = {"big": tuple(x for x, f in zip(leaves, flags) if not f)}
+    if vec:
+        packed["small"] = jnp.concatenate(vec)
+    return packed
 
 
 def _unpack(packed: dict, like, limit: int) -> Any:
@@ -285,7 +289,8 @@ class Trainer:
         trainable = jax.tree_util.tree_map(copy, trainable)
         frozen = jax.tree_util.tree_map(copy, frozen)
         x = jnp.zeros((1, image_size, image_size, self.vae_config.out_channels), jnp.float32)
-        critic_params = self.critic.init(rng, x)["params"] if self.recipe.gan != "none" else {}
+        # jitted: run eagerly, the critic's init compiled each of its ~400 ops on its own (21 s for the smoke critic)
+        critic_params = jax.jit(self.critic.init)(rng, x)["params"] if self.recipe.gan != "none" else {}
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen, opt_state=self.tx.init(trainable),
             ema=jax.tree_util.tree_map(copy, trainable), critic_params=critic_params,

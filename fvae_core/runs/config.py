@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -192,6 +193,8 @@ def _coerce(tp, value, key):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # JSON's NaN, Infinity, or 1e400: would train into NaN weights
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
