@@ -51,6 +51,10 @@ def test_suite_executes_in_smoke_mode(tmp_path):
     assert list(times) == list(suite.NOTEBOOKS)
     for name in suite.NOTEBOOKS:  # every figure goes through the one helper, named NN_...
         assert list(figs.glob(f"{name[:2]}_*.png")), f"{name} wrote no figure"
+    # Smoke mode trains every finetune the full suite trains (the no-gan one once could not checkpoint).
+    finished = sorted(json.loads((d / "config.json").read_text())["name"] for d in runs.iterdir()
+                      if (d / "final.json").is_file() and json.loads((d / "config.json").read_text())["init"])
+    assert finished == sorted(f"tiny-cpu-finetune{'' if a == 'card' else '/' + a}/smoke" for a in suite.ABLATIONS), finished
     claims_md = (figs / "claims.md").read_text()
     assert "| claim |" in claims_md and "SMOKE mode" in claims_md and claims_md.count("**C") == 7
     assert sorted(p.name for p in (ROOT / "figures").iterdir()) == before  # tests never write into figures/
