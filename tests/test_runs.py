@@ -168,7 +168,7 @@ def test_multi_device_matches_single_device(cache, tmp_path):
     one step per call."""
     script = textwrap.dedent(f"""
         import os, json
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
         import jax, numpy as np
         assert jax.device_count() == 4
         from fvae_core.runs.config import apply_overrides, preset, ConfigError
@@ -206,8 +206,12 @@ def test_multi_device_matches_single_device(cache, tmp_path):
             np.testing.assert_allclose(res[name][0], res["one"][0], rtol=1e-5, atol=1e-6)
             la = jax.tree_util.tree_leaves_with_path(res[name][1])
             for (path, a), b in zip(la, jax.tree_util.tree_leaves(res["one"][1])):
-                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5,
-                                           err_msg=name + jax.tree_util.keystr(path))
+                key = jax.tree_util.keystr(path)
+                # The attention key bias adds q.b to every logit of a query's softmax, which cancels: its
+                # true gradient is exactly 0, so Adam steps it by +-lr on reduction-order noise alone
+                # (seen: 1.2e-5 apart). Its bound is lr x steps, not float agreement.
+                atol = 3 * 1e-4 if "to_k" in key and "bias" in key else 1e-5
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol, err_msg=name + key)
         try:
             train(apply_overrides(preset("smoke"), ["batch_size=6", "devices=4"]), os.path.join({str(tmp_path)!r}, "bad"),
                   progress=False, log=lambda m: None)
@@ -281,6 +285,10 @@ def test_export_refuses_non_finite_weights(tmp_path):
     (["--config", "sd-vae-ft-mse", "--set", "init=/nonexistent/vae", "--set", 'data.sources=["photos"]'],
      "does not exist"),
     (["--config", "sd-vae-ft-mse", "--set", "recipe.stage=pretrain"], "a pretrain needs model"),
+    (["--config", "smoke", "--set", "recipe.lr=NaN"], "recipe.lr: nan is not a finite number"),
+    (["--config", "smoke", "--set", "recipe.lr=1e400"], "recipe.lr: inf is not a finite number"),
+    (["--config", "smoke", "--set", "data.max_scale=-Infinity"], "is not a finite number"),
+    (["--config", "smoke", "--set", "recipe.critic_norm=group"], "critic norm 'group' needs channel counts"),
 ])
 def test_config_errors_exit_2_with_one_line(cache, tmp_path, capsys, args, msg):
     run = tmp_path / "run"
