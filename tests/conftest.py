@@ -11,6 +11,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # starts its backend, and inherited by the runs and notebooks the tests start as subprocesses.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# One persistent compilation cache for every test (both xdist workers, and every run or notebook they start),
+# in .pytest_cache (git-ignored; `make clean` removes it): many tests compile the same program (the smoke
+# step under recipes that differ only in fields the step does not read), and jax keys its cache on the
+# program, its compile options and jax's version, never on our config objects, so an entry cannot be hit by
+# changed code. Least recently used entries go beyond 2 GB. Each test's own FVAE_CACHE then leaves the jax
+# cache alone (runs.train.enable_compilation_cache).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                           ".pytest_cache", "fvae-jax")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import numpy as np
 import pytest

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from fvae_core import cli
-from fvae_core.runs.config import preset
+from fvae_core.runs.config import apply_overrides, preset, to_dict
 import train_matrix as M
 
 
@@ -21,22 +22,31 @@ def inits(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", M.preset_names())
-def test_preset_checkpoints_resumes_and_exports(inits, name):
-    cfg = preset(name)
-    init = inits["micro"] if name == "tiny-cpu-finetune" else inits["sd"]
-    M.run_case(M.shrink(cfg, init), inits["root"] / "runs" / name.replace("/", "__"))
+def test_preset_checkpoints_resumes_and_exports(inits, name, capsys):
+    cfg = M.shrink(preset(name), inits["micro"] if name == "tiny-cpu-finetune" else inits["sd"])
+    M.run_case(cfg, inits["root"] / "runs" / name.replace("/", "__"))
+    if name == "sd-vae-ft-mse/no-gan":
+        _no_gan_from_the_command_line(inits["root"] / "cli-no-gan", name, cfg, capsys)
 
 
-def test_no_gan_ablation_from_the_command_line(inits, capsys):
+def _overrides(name: str, cfg) -> list[str]:
+    """The ``--set key=value`` list that turns preset ``name`` into ``cfg`` (every differing leaf)."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    base = dict(flat(to_dict(preset(name))))
+    return [f"{k}={json.dumps(v)}" for k, v in flat(to_dict(cfg)) if base[k] != v]
+
+
+def _no_gan_from_the_command_line(run, name, cfg, capsys):
     """The card's own no-GAN ablation as a user runs it: ``fvae train --config sd-vae-ft-mse/no-gan`` from a
     local SD-shaped folder for two steps (a checkpoint after each), then ``--resume`` of that run; both exit
-    0 and the export is written. (Resuming from the middle of a run is the parametrised case above.)"""
-    run = inits["root"] / "cli-no-gan"
-    sets = [f"init={inits['sd']}", "steps=2", "batch_size=2", "data.crop=32", 'data.sources=["photos"]',
-            "data.val_scales=[0.1]", "ckpt_every=1", "eval_every=2", "sample_every=2", "sample_count=2",
-            "steps_per_call=1"]
-    args = ["train", "--config", "sd-vae-ft-mse/no-gan", *[a for s in sets for a in ("--set", s)]]
-    assert cli.main(args + ["--run-dir", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    0 and the export is written. The overrides build exactly the matrix case's config (checked), so the
+    step compiled for it is reused. (Resuming from the middle of a run is the matrix case itself.)"""
+    sets = _overrides(name, cfg)
+    assert apply_overrides(preset(name), sets) == cfg
+    args = ["train", "--config", name, *[a for s in sets for a in ("--set", s)], "--run-dir", str(run), "--quiet"]
+    assert cli.main(args) == 0, capsys.readouterr().err
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     assert cli.main(["train", "--resume", str(run), "--quiet"]) == 0, capsys.readouterr().err
     assert (run / "export" / "diffusers" / "config.json").is_file() and (run / "export" / "vae.safetensors").is_file()
