@@ -7,12 +7,12 @@ import dataclasses
 import itertools
 
 import pytest
+import train_matrix as M
 
 from fvae_core import cli
 from fvae_core.critic import NORMS, OBJECTIVES
 from fvae_core.runs.config import ConfigError, apply_overrides, preset
 from fvae_core.train_steps import RecipeConfig, Trainer
-import train_matrix as M
 
 GANS = (*OBJECTIVES, "none")
 
