@@ -2,15 +2,21 @@
 
 Claims C1–C5 are quoted or paraphrased from the card (``shared/reference/furception-model-card.txt``);
 C6 and C7 are the card's reasons for its loss design. Each :class:`Claim` names the metric chosen and
-why, the measured effect (an :class:`fvae_core.stats.Estimate`: mean and 95% bootstrap CI over images),
-and a verdict from the CI alone, never from the point estimate:
+why, its smallest effect of interest δ and why, the measured effect (an :class:`fvae_core.stats.Estimate`:
+mean and 95% bootstrap CI over images), and a verdict from the CI and δ alone, never from the point
+estimate (:func:`verdict_from_ci`):
 
-* **supported**: the CI lies entirely on the side the claim predicts;
-* **not supported**: the CI lies entirely on the other side;
-* **inconclusive at this scale**: the CI contains "no effect".
+* **supported**: the CI lies entirely beyond zero on the side the claim predicts;
+* **contradicted**: the CI lies entirely beyond zero on the other side;
+* **no effect larger than δ**: the CI lies inside ±δ (an effect may exist, but it is too small to matter);
+* **underpowered**: anything else (the CI straddles zero and reaches past δ), with the number of images
+  that would resolve it (:func:`n_to_resolve`).
 
-(C5 is a non-inferiority claim, with stated margins.) All comparisons are paired on the same images
-(:meth:`fvae_core.evaluate.EvalResult.paired`), except C2, which compares two different image sets.
+C5 is a non-inferiority claim with stated margins: supported when every subset's CI excludes an obvious
+loss, contradicted when one subset's CI lies entirely beyond it, underpowered otherwise. A claim with two
+parts (C4, C7) is supported when both are, contradicted when either is, "no effect" when either part is
+at most δ and none is contradicted, and underpowered otherwise. All comparisons are paired on the same
+images (:meth:`fvae_core.evaluate.EvalResult.paired`), except C2, which compares two different image sets.
 
 The inputs are one :class:`~fvae_core.evaluate.EvalResult` holding the base VAE, the finetuned VAE
 ("card" recipe) and, for C6/C7, the ablation VAEs, named as in :data:`ROLES`. A claim whose VAEs or
@@ -26,8 +32,9 @@ import numpy as np
 
 from fvae_core import stats
 
-SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED = (
-    "supported", "not supported", "inconclusive at this scale", "not measured")
+SUPPORTED, CONTRADICTED, NO_EFFECT, UNDERPOWERED, NOT_MEASURED = (
+    "supported", "contradicted", "no effect larger than δ", "underpowered", "not measured")
+VERDICTS = (SUPPORTED, CONTRADICTED, NO_EFFECT, UNDERPOWERED, NOT_MEASURED)
 
 #: VAE names the assessment looks for in the evaluation.
 ROLES = {"base": "base", "card": "card", "mae": "mae-only", "mse": "mse-only", "srgb": "srgb-loss"}
@@ -47,6 +54,15 @@ HF_KEY = "err_hf_energy@0.25_L"
 #: C5's non-inferiority margins: a PSNR loss of 0.25 dB or an LPIPS rise of 0.005 counts as "obvious".
 PSNR_MARGIN, LPIPS_MARGIN = 0.25, 0.005
 
+#: Smallest effects of interest: (δ, why). An effect whose CI lies inside ±δ is reported as none.
+DELTAS = {
+    "hf_db": (0.1, "0.1 dB is 2.3% of the high-band error energy, far below what a viewer or a downstream "
+                   "metric notices; the card speaks of a visible change"),
+    "oklab_l": (0.002, "a tenth of Oklab's just-noticeable difference (ΔE_ok ≈ 0.02) in lightness"),
+    "de00": (0.1, "a tenth of CIEDE2000's just-noticeable difference (ΔE00 ≈ 1)"),
+    "sharpness": (0.01, "a 1% change of the mean gradient across edges"),
+}
+
 
 @dataclasses.dataclass
 class Claim:
@@ -59,26 +75,68 @@ class Claim:
     verdict: str
     detail: str = ""  # secondary numbers, in words
     effects: dict = dataclasses.field(default_factory=dict)  # label -> Estimate (for the figure)
+    delta: str = ""  # the smallest effect of interest, with its reason
+    n_needed: int | None = None  # underpowered: images (per group for C2) that would resolve it
+    delta_value: float | None = None  # δ in the unit of every entry of `effects`, when they share one
 
 
-def verdict_from_ci(est: stats.Estimate | None, predicted: str) -> str:
-    """``predicted`` is "negative" or "positive": the sign of the effect the claim predicts."""
-    if est is None or not np.isfinite(est.lo) or not np.isfinite(est.hi):
-        return NOT_MEASURED if est is None else INCONCLUSIVE
+def verdict_from_ci(est: stats.Estimate | None, predicted: str, delta: float) -> str:
+    """The verdict of the module docstring. ``predicted`` is "negative" or "positive": the sign of the
+    effect the claim predicts; ``delta`` > 0 the smallest effect of interest, in the effect's unit."""
+    if est is None:
+        return NOT_MEASURED
+    if not np.isfinite(est.lo) or not np.isfinite(est.hi):
+        return UNDERPOWERED
     lo, hi = (est.lo, est.hi) if predicted == "positive" else (-est.hi, -est.lo)
     if lo > 0:
         return SUPPORTED
     if hi < 0:
-        return NOT_SUPPORTED
-    return INCONCLUSIVE
+        return CONTRADICTED
+    if -delta < lo and hi < delta:
+        return NO_EFFECT
+    return UNDERPOWERED
+
+
+def n_to_resolve(est: stats.Estimate | None, delta: float) -> int | None:
+    """Images (per group, for an unpaired difference) at which an underpowered estimate would resolve,
+    if its mean and spread stayed as measured: the CI half-width shrinks as 1/√n, and the interval
+    resolves once it is narrower than the mean's distance to zero (an effect) or to ±δ (no effect).
+    None when the estimate has no finite interval."""
+    if est is None or not (np.isfinite(est.lo) and np.isfinite(est.hi)) or est.n < 2:
+        return None
+    h, m = float(est.half_width), abs(float(est.value))
+    if h <= 0:
+        return int(est.n)
+    targets = [t for t in (m, delta - m) if t > 0]
+    if not targets:
+        return None
+    return int(math.ceil(est.n * (h / max(targets)) ** 2))
 
 
 def _combine(verdicts: Sequence[str]) -> str:
+    """One verdict for a claim with several parts (each must hold for the claim to hold)."""
     if NOT_MEASURED in verdicts:
         return NOT_MEASURED
-    if NOT_SUPPORTED in verdicts:
-        return NOT_SUPPORTED
-    return SUPPORTED if all(v == SUPPORTED for v in verdicts) else INCONCLUSIVE
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    if all(v == SUPPORTED for v in verdicts):
+        return SUPPORTED
+    return NO_EFFECT if NO_EFFECT in verdicts else UNDERPOWERED
+
+
+def _judge(parts: Sequence[tuple[stats.Estimate, str, float]]) -> tuple[str, int | None]:
+    """Verdict and, when underpowered, the n that would resolve every underpowered part."""
+    verdicts = [verdict_from_ci(e, side, d) for e, side, d in parts]
+    v = _combine(verdicts)
+    if v != UNDERPOWERED:
+        return v, None
+    ns = [n_to_resolve(e, d) for (e, _, d), pv in zip(parts, verdicts) if pv == UNDERPOWERED]
+    return v, (None if any(n is None for n in ns) or not ns else max(ns))
+
+
+def _delta(key: str, unit: str) -> str:
+    d, why = DELTAS[key]
+    return f"{d:g} {unit}: {why}".replace("  ", " ")
 
 
 def _per_image_db(result, a: str, b: str, res: int, key: str, subset=None) -> dict[str, float]:
@@ -124,9 +182,10 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         for s in result.subsets():
             sub = _per_image_db(result, base, card, res_main, HF_KEY, s)
             effects[f"{s}, {res_main}²"] = stats.bootstrap_ci(np.array(list(sub.values())), **kw)
-        out.append(Claim("C1", CLAIMS["C1"], metric1, why1, est, "dB", verdict_from_ci(est, "negative"),
+        v, n = _judge([(est, "negative", DELTAS["hf_db"][0])])
+        out.append(Claim("C1", CLAIMS["C1"], metric1, why1, est, "dB", v,
                          f"reconstruction high-band power change ΔHF(card) − ΔHF(base): {dhf.fmt(2)} dB" if dhf else "",
-                         effects))
+                         effects, _delta("hf_db", "dB"), n, DELTAS["hf_db"][0]))
 
     # C2: the same per-image effect, flat art vs photos (independent image sets).
     metric2 = f"C1's per-image effect (dB) on flat art minus on photos, at {res_main}²"
@@ -138,10 +197,14 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         flat = list(_per_image_db(result, base, card, res_main, HF_KEY, "flat art").values())
         photo = list(_per_image_db(result, base, card, res_main, HF_KEY, "photos").values())
         est = stats.unpaired_difference(flat, photo, **kw)
-        out.append(Claim("C2", CLAIMS["C2"], metric2, why2, est, "dB", verdict_from_ci(est, "negative"),
+        v, n = _judge([(est, "negative", DELTAS["hf_db"][0])])
+        if n is not None:  # n_to_resolve scales the smaller group; say it per group
+            n = int(math.ceil(n * max(len(flat), len(photo)) / max(1, min(len(flat), len(photo)))))
+        out.append(Claim("C2", CLAIMS["C2"], metric2, why2, est, "dB", v,
                          f"flat art n={len(flat)}, photos n={len(photo)}",
                          {"flat art": stats.bootstrap_ci(np.array(flat), **kw),
-                          "photos": stats.bootstrap_ci(np.array(photo), **kw), "flat − photos": est}))
+                          "photos": stats.bootstrap_ci(np.array(photo), **kw), "flat − photos": est},
+                         _delta("hf_db", "dB"), n, DELTAS["hf_db"][0]))
 
     # C3: the per-image effect at the lowest vs the highest resolution, paired by image.
     metric3 = f"C1's per-image effect (dB) at {lo_res}² minus at {hi_res}², same images"
@@ -156,8 +219,9 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         effects = {f"{res}²": stats.bootstrap_ci(np.array(list(_per_image_db(result, base, card, res, HF_KEY).values())), **kw)
                    for res in result.resolutions}
         effects[f"{lo_res}² − {hi_res}²"] = est
-        out.append(Claim("C3", CLAIMS["C3"], metric3, why3, est, "dB", verdict_from_ci(est, "negative"),
-                         f"n={len(common)} images at both resolutions", effects))
+        v, n = _judge([(est, "negative", DELTAS["hf_db"][0])])
+        out.append(Claim("C3", CLAIMS["C3"], metric3, why3, est, "dB", v,
+                         f"n={len(common)} images at both resolutions", effects, _delta("hf_db", "dB"), n, DELTAS["hf_db"][0]))
 
     # C4: ringing around edges and noise in flat regions, finetuned − base.
     metric4 = f"ringing overshoot in the band 1–6 px from edges, and flat-region error std, finetuned − base, at {res_main}²"
@@ -167,10 +231,12 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         out.append(_not_measured("C4", metric4, why4, "", miss))
     else:
         p = result.paired(base, card, ["overshoot_mean", "flat_noise"], **kw)[res_main]["all"]
-        v = _combine([verdict_from_ci(p["overshoot_mean"], "negative"), verdict_from_ci(p["flat_noise"], "negative")])
+        d = DELTAS["oklab_l"][0]
+        v, n = _judge([(p["overshoot_mean"], "negative", d), (p["flat_noise"], "negative", d)])
         out.append(Claim("C4", CLAIMS["C4"], metric4, why4, p["overshoot_mean"], "Oklab L", v,
                          f"flat-region noise change {p['flat_noise'].fmt(4)}",
-                         {"overshoot": p["overshoot_mean"], "flat noise": p["flat_noise"]}))
+                         {"overshoot": p["overshoot_mean"], "flat noise": p["flat_noise"]},
+                         _delta("oklab_l", "Oklab L (both parts)"), n, d))
 
     # C5: non-inferiority of PSNR and LPIPS on every subset and resolution.
     metric5 = (f"PSNR and LPIPS, finetuned − base, per subset and resolution; an 'obvious loss' is a PSNR drop "
@@ -180,7 +246,7 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         out.append(_not_measured("C5", metric5, why5, "dB", miss))
     else:
         pairs = result.paired(base, card, ["psnr", "lpips"], **kw)
-        verdicts, effects, worst = [], {}, None
+        verdicts, effects, worst, ns = [], {}, None, []
         for res, groups in pairs.items():
             for g, e in groups.items():
                 if g == "all":
@@ -189,13 +255,18 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
                 effects[f"{g}, {res}² PSNR"] = ps
                 ok = ps.lo > -PSNR_MARGIN and (not np.isfinite(lp.hi) or lp.hi < LPIPS_MARGIN)
                 bad = ps.hi < -PSNR_MARGIN or (np.isfinite(lp.lo) and lp.lo > LPIPS_MARGIN)
-                verdicts.append(SUPPORTED if ok else NOT_SUPPORTED if bad else INCONCLUSIVE)
+                verdicts.append(SUPPORTED if ok else CONTRADICTED if bad else UNDERPOWERED)
+                if not ok and not bad:  # the n at which the PSNR CI would clear the margin, if it can
+                    ns.append(n_to_resolve(stats.Estimate(ps.value + PSNR_MARGIN, ps.lo + PSNR_MARGIN,
+                                                          ps.hi + PSNR_MARGIN, ps.n), 0.0))
                 if worst is None or ps.value < worst[1].value:
                     worst = (f"{g} at {res}²", ps, lp)
-        v = _combine(verdicts) if verdicts else NOT_MEASURED
+        v = (CONTRADICTED if CONTRADICTED in verdicts else SUPPORTED if all(x == SUPPORTED for x in verdicts)
+             else UNDERPOWERED) if verdicts else NOT_MEASURED
+        n = max(ns) if v == UNDERPOWERED and ns and None not in ns else None
         out.append(Claim("C5", CLAIMS["C5"], metric5, why5, worst[1] if worst else None, "dB PSNR", v,
                          f"worst subset: {worst[0]}, PSNR {worst[1].fmt(2)} dB, LPIPS {worst[2].fmt(4)}" if worst else "",
-                         effects))
+                         effects, f"the non-inferiority margins ({PSNR_MARGIN} dB, {LPIPS_MARGIN} LPIPS)", n))
 
     # C6: Oklab vs sRGB loss space, judged by a colour difference independent of both (CIEDE2000 via CIELAB).
     srgb = r["srgb"]
@@ -206,10 +277,11 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         out.append(_not_measured("C6", metric6, why6, "ΔE00", miss))
     else:
         p = result.paired(srgb, card, ["ciede2000_mean", "L_mae", "a_mae", "b_mae"], **kw)[res_main]["all"]
-        out.append(Claim("C6", CLAIMS["C6"], metric6, why6, p["ciede2000_mean"], "ΔE00",
-                         verdict_from_ci(p["ciede2000_mean"], "negative"),
+        v, n = _judge([(p["ciede2000_mean"], "negative", DELTAS["de00"][0])])
+        out.append(Claim("C6", CLAIMS["C6"], metric6, why6, p["ciede2000_mean"], "ΔE00", v,
                          f"Oklab MAE change L {p['L_mae'].fmt(4)}, a {p['a_mae'].fmt(4)}, b {p['b_mae'].fmt(4)}",
-                         {"ΔE2000": p["ciede2000_mean"]}))
+                         {"ΔE2000": p["ciede2000_mean"]}, _delta("de00", "ΔE00"), n,
+                         DELTAS["de00"][0]))
 
     # C7: the mix vs the pure losses: sharper than MSE-only and smoother (flat regions) than MAE-only.
     mae, mse = r["mae"], r["mse"]
@@ -222,19 +294,22 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
     else:
         ps = result.paired(mse, card, ["sharpness_ratio"], **kw)[res_main]["all"]["sharpness_ratio"]
         pn = result.paired(mae, card, ["flat_noise"], **kw)[res_main]["all"]["flat_noise"]
-        v = _combine([verdict_from_ci(ps, "positive"), verdict_from_ci(pn, "negative")])
+        v, n = _judge([(ps, "positive", DELTAS["sharpness"][0]), (pn, "negative", DELTAS["oklab_l"][0])])
         out.append(Claim("C7", CLAIMS["C7"], metric7, why7, ps, "sharpness ratio", v,
                          f"flat-region noise, mix − MAE-only: {pn.fmt(4)}",
-                         {"sharpness: mix − MSE": ps, "flat noise: mix − MAE": pn}))
+                         {"sharpness: mix − MSE": ps, "flat noise: mix − MAE": pn},
+                         f"{_delta('sharpness', 'sharpness ratio')}; {_delta('oklab_l', 'Oklab L flat noise')}", n))
     return out
 
 
 def claims_markdown(claims: Sequence[Claim], context: str = "") -> str:
     """The claims table that the README includes (``figures/claims.md``)."""
-    lines = ["| claim | metric | measured effect [95% CI] | verdict |", "|---|---|---|---|"]
+    lines = ["| claim | metric | smallest effect of interest δ | measured effect [95% CI] | verdict |",
+             "|---|---|---|---|---|"]
     for c in claims:
         eff = c.effect.fmt(4 if abs(c.effect.value) < 0.01 else 3) + (f" {c.unit}" if c.unit else "") \
             if c.effect is not None and np.isfinite(c.effect.value) else "—"
         detail = f"; {c.detail}" if c.detail else ""
-        lines.append(f"| **{c.id}** {c.claim} | {c.metric} | {eff}{detail} | **{c.verdict}** |")
+        verdict = c.verdict + (f" (≈{c.n_needed} images would resolve it)" if c.n_needed else "")
+        lines.append(f"| **{c.id}** {c.claim} | {c.metric} | {c.delta or '—'} | {eff}{detail} | **{verdict}** |")
     return (context.strip() + "\n\n" if context else "") + "\n".join(lines) + "\n"

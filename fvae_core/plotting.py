@@ -285,8 +285,9 @@ def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], *, ax=None, title:
 
 
 def plot_estimates(estimates: Mapping[str, Estimate], *, ax=None, title: str | None = None,
-                   xlabel: str | None = None, zero: bool = True):
-    """A forest plot: one row per labelled scalar :class:`Estimate` (point and 95% CI bar), with a line at 0."""
+                   xlabel: str | None = None, zero: bool = True, delta: float | None = None):
+    """A forest plot: one row per labelled scalar :class:`Estimate` (point and 95% CI bar), with a line at 0
+    and, given ``delta``, the band ±δ of effects too small to matter shaded."""
     ax = _axes(ax, figsize=(6.4, 0.5 + 0.45 * max(1, len(estimates))))
     labels = list(estimates)
     for i, k in enumerate(labels):
@@ -301,6 +302,9 @@ def plot_estimates(estimates: Mapping[str, Estimate], *, ax=None, title: str | N
     ax.invert_yaxis()
     if zero:
         ax.axvline(0.0, color="k", lw=0.8)
+    if delta:
+        ax.axvspan(-delta, delta, color="0.85", zorder=0, label=f"±δ = {delta:g}")
+        ax.legend(loc="best", fontsize=8)
     if xlabel:
         ax.set_xlabel(xlabel)
     if title:

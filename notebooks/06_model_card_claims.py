@@ -15,9 +15,10 @@
 # that the effect is stronger on flat colours and at low resolution, that results are smoother with less
 # artifacting at edges, and that nothing gets obviously worse; it motivates the Oklab loss and the
 # MAE/MSE mix. Each claim below gets: the metric chosen and why, the measured effect with its 95%
-# bootstrap CI over images, a figure, and a verdict taken from the CI alone
-# (`fvae_core.claims`: *supported* if the CI lies on the predicted side of zero, *not supported* if on the
-# other side, *inconclusive at this scale* if it contains zero).
+# bootstrap CI over images, a figure, its smallest effect of interest δ with the reason, and a verdict
+# taken from the CI and δ alone (`fvae_core.claims`): *supported* if the CI lies beyond zero on the
+# predicted side, *contradicted* if beyond zero on the other side, *no effect larger than δ* if it lies
+# inside ±δ, and otherwise *underpowered*, with the number of images that would resolve it.
 #
 # **Scale.** Everything here is the embedded default: a 1.25M-parameter SD-shaped VAE pretrained on CPU
 # (≈14 dB), finetuned 300 steps per recipe, evaluated on 100 OpenMoji and the 8 skimage photos at 64² and 128².
@@ -48,11 +49,12 @@ def show(cid):
     """Print one claim's metric, reason, effect and verdict; draw its effects; save the figure."""
     c = found[cid]
     eff = c.effect.fmt(4) + f" {c.unit}" if c.effect is not None else "—"
-    display(Markdown(f"**{c.id}: {c.claim}**\n\n- metric: {c.metric}\n- why: {c.why}\n- effect: {eff}"
-                     f"{'; ' + c.detail if c.detail else ''}\n- **verdict: {c.verdict}**"))
+    n = f" (≈{c.n_needed} images would resolve it)" if c.n_needed else ""
+    display(Markdown(f"**{c.id}: {c.claim}**\n\n- metric: {c.metric}\n- why: {c.why}\n- δ: {c.delta}"
+                     f"\n- effect: {eff}{'; ' + c.detail if c.detail else ''}\n- **verdict: {c.verdict}{n}**"))
     if c.effects:
         fig, ax = plt.subplots(figsize=(7, 0.8 + 0.45 * len(c.effects)))
-        plotting.plot_estimates(c.effects, ax=ax, title=f"{c.id}: {c.verdict}", xlabel=c.unit)
+        plotting.plot_estimates(c.effects, ax=ax, title=f"{c.id}: {c.verdict}", xlabel=c.unit, delta=c.delta_value)
         display(Image(str(S.fig(fig, f"06_{c.id.lower()}"))))
     return c
 
@@ -128,8 +130,7 @@ display(Markdown(md))
 # **Check:** every claim got a verdict from the allowed set, and the table on disk is the one shown.
 
 # %%
-allowed = {claims.SUPPORTED, claims.NOT_SUPPORTED, claims.INCONCLUSIVE, claims.NOT_MEASURED}
-assert set(found) == set(claims.CLAIMS) and all(c.verdict in allowed for c in found.values())
+assert set(found) == set(claims.CLAIMS) and all(c.verdict in claims.VERDICTS for c in found.values())
 assert (S.fig_dir / "claims.md").read_text() == md
 if not S.smoke:
     assert all(c.verdict != claims.NOT_MEASURED for c in found.values())

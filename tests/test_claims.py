@@ -2,8 +2,9 @@
 
 Each row set is built so that the truth of every claim is fixed: a "card" VAE whose high-band error is
 half the base's on flat art and unchanged on photos (so C1 holds overall, C2 holds), and so on. The
-same assessment must flip to "not supported" when the effect is reversed, say "inconclusive" when
-there is none, and "not measured" when the VAEs it needs are absent.
+same assessment must flip to "contradicted" when the effect is reversed, say "no effect larger than δ"
+when there is none and the data are plentiful, "underpowered" (with the n that would resolve it) when
+they are not, and "not measured" when the VAEs it needs are absent.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def _rows(effects: dict, n=40, resolutions=(64, 128), seed=0):
             base = {k: float(rng.uniform(0.5, 1.5)) for k in KEYS}
             base["psnr"] = float(rng.uniform(20, 30))
             base["lpips"] = float(rng.uniform(0.05, 0.2))
+            # realistic scales for the δs: Oklab L overshoot and flat noise, sharpness ratio, ΔE00
+            base["overshoot_mean"] = float(rng.uniform(0.01, 0.05))
+            base["flat_noise"] = float(rng.uniform(0.01, 0.05))
+            base["sharpness_ratio"] = float(rng.uniform(0.7, 1.0))
+            base["ciede2000_mean"] = float(rng.uniform(1.0, 4.0))
             for vae, f in effects.items():
                 vals = f(dict(base), subset, res, rng)
                 rows.append({"vae": vae, "resolution": res, "subset": subset, "image": f"img{i}", **vals})
@@ -83,7 +89,7 @@ def test_all_claims_supported_when_true():
     assert md.startswith("context line") and md.count("**supported**") == 7
 
 
-def test_reversed_effects_are_not_supported():
+def test_reversed_effects_are_contradicted():
     def worse(v, subset, res, rng):
         v = _jitter(v, rng)
         v["err_hf_energy@0.25_L"] *= 2.0
@@ -91,29 +97,74 @@ def test_reversed_effects_are_not_supported():
         v["psnr"] -= 1.0
         return v
     got = _by_id(claims.assess(_rows({"base": _same, "card": worse}), n_boot=500))
-    assert got["C1"].verdict == claims.NOT_SUPPORTED
-    assert got["C4"].verdict == claims.NOT_SUPPORTED
-    assert got["C5"].verdict == claims.NOT_SUPPORTED
+    assert got["C1"].verdict == claims.CONTRADICTED
+    assert got["C4"].verdict == claims.CONTRADICTED
+    assert got["C5"].verdict == claims.CONTRADICTED
     assert got["C6"].verdict == got["C7"].verdict == claims.NOT_MEASURED
     assert "srgb-loss" in got["C6"].detail
 
 
-def test_no_effect_is_inconclusive():
+def test_no_effect_within_delta():
+    """No true effect and little noise: every CI is inside ±δ."""
     got = _by_id(claims.assess(_rows({"base": _same, "card": _same}, seed=3), n_boot=500))
     for cid in ("C1", "C2", "C3", "C4"):
-        assert got[cid].verdict == claims.INCONCLUSIVE, (cid, got[cid].effect)
+        assert got[cid].verdict == claims.NO_EFFECT, (cid, got[cid].effect)
+        assert got[cid].n_needed is None and got[cid].delta.split()[0] == f"{claims.DELTAS[{'C4': 'oklab_l'}.get(cid, 'hf_db')][0]:g}"
     # 0.5% jitter on PSNR ~25 dB: CIs well within the 0.25 dB margin, so "no obvious loss" holds.
     assert got["C5"].verdict == claims.SUPPORTED
 
 
-@pytest.mark.parametrize("est, predicted, want", [
-    ((-1.0, -2.0, -0.5), "negative", claims.SUPPORTED),
-    ((1.0, 0.5, 2.0), "negative", claims.NOT_SUPPORTED),
-    ((0.1, -0.5, 0.7), "negative", claims.INCONCLUSIVE),
-    ((1.0, 0.5, 2.0), "positive", claims.SUPPORTED),
-    ((1.0, float("nan"), float("nan")), "positive", claims.INCONCLUSIVE),
+def test_noisy_small_sample_is_underpowered_with_the_n_that_resolves_it():
+    """No true effect but 30% per-image noise on 8 images: the CIs straddle zero and reach past δ."""
+    def noisy(v, subset, res, rng):
+        return _jitter(v, rng, scale=0.3)
+    got = _by_id(claims.assess(_rows({"base": _same, "card": noisy}, n=8, seed=1), n_boot=500))
+    for cid in ("C1", "C4"):
+        c = got[cid]
+        assert c.verdict == claims.UNDERPOWERED, (cid, c.effect)
+        assert c.n_needed is not None and c.n_needed > c.effect.n
+    md = claims.claims_markdown(got.values())
+    assert f"underpowered (≈{got['C1'].n_needed} images would resolve it)" in md
+
+
+@pytest.mark.parametrize("est, predicted, delta, want", [
+    ((-1.0, -2.0, -0.5), "negative", 0.1, claims.SUPPORTED),
+    ((1.0, 0.5, 2.0), "negative", 0.1, claims.CONTRADICTED),
+    ((1.0, 0.5, 2.0), "positive", 0.1, claims.SUPPORTED),
+    ((-1.0, -2.0, -0.5), "positive", 0.1, claims.CONTRADICTED),
+    ((0.01, -0.05, 0.07), "negative", 0.1, claims.NO_EFFECT),
+    ((0.01, -0.05, 0.07), "negative", 0.06, claims.UNDERPOWERED),
+    ((0.1, -0.5, 0.7), "negative", 0.1, claims.UNDERPOWERED),
+    ((-0.3, -0.5, 0.0), "negative", 1.0, claims.NO_EFFECT),  # inside ±δ although it leans the right way
+    ((1.0, float("nan"), float("nan")), "positive", 0.1, claims.UNDERPOWERED),
 ])
-def test_verdict_from_ci(est, predicted, want):
+def test_verdict_from_ci(est, predicted, delta, want):
     from fvae_core.stats import Estimate
 
-    assert claims.verdict_from_ci(Estimate(*est, 10), predicted) == want
+    assert claims.verdict_from_ci(Estimate(*est, 10), predicted, delta) == want
+    assert claims.verdict_from_ci(None, predicted, delta) == claims.NOT_MEASURED
+
+
+def test_n_to_resolve_scales_the_half_width_as_one_over_root_n():
+    from fvae_core.stats import Estimate
+
+    # mean 0.2, half-width 0.4 at n=10, δ=0.1: excluding zero needs the half-width at 0.2, i.e. 4x the images.
+    assert claims.n_to_resolve(Estimate(0.2, -0.2, 0.6, 10), 0.1) == 40
+    # mean 0.02, half-width 0.1 at n=10, δ=0.1: fitting inside ±δ needs half-width 0.08 (n=16); zero: 250.
+    assert claims.n_to_resolve(Estimate(0.02, -0.08, 0.12, 10), 0.1) == 16
+    assert claims.n_to_resolve(Estimate(0.2, float("nan"), float("nan"), 10), 0.1) is None
+
+
+def test_n_to_resolve_predicts_a_resolving_sample_size():
+    """Simulated: a true effect of -0.3 with unit noise, 12 images. The predicted n is where the expected
+    CI just touches zero (50% power); at 4x that n the CI excludes zero in most fresh samples."""
+    from fvae_core import stats
+
+    est = stats.bootstrap_ci(np.random.default_rng(0).normal(-0.3, 1.0, 12), n_boot=1000)
+    assert claims.verdict_from_ci(est, "negative", 0.1) == claims.UNDERPOWERED
+    n = claims.n_to_resolve(est, 0.1)
+    assert 12 < n < 2000
+    resolved = [claims.verdict_from_ci(stats.bootstrap_ci(np.random.default_rng(s).normal(-0.3, 1.0, 4 * n),
+                                                          n_boot=1000), "negative", 0.1) == claims.SUPPORTED
+                for s in range(1, 11)]
+    assert sum(resolved) >= 7, resolved
