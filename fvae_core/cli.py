@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="measure VAEs on the same images: fidelity, colour, spectra, edges, with CIs")
     p.add_argument("--vae", action="append", required=True,
-                   help="a VAE (diffusers folder, hub id, single file); repeat to compare, the first is the baseline")
+                   help="a VAE (diffusers folder, hub id, single file) or a no-learning reference bicubic:F "
+                        "(Lanczos down by F, bicubic up); repeat to compare, the first is the baseline")
     p.add_argument("--data", nargs="+", required=True, metavar="SRC",
                    help="prepared dataset folder(s), 'openmoji', 'photos', image folders or files")
     p.add_argument("--out", required=True, help="new output folder (per-image CSV/JSONL, summary, spectra, figures)")

@@ -107,8 +107,61 @@ class VAEReconstructor:
         return np.clip(np.concatenate(out), 0.0, 1.0)
 
 
+@dataclasses.dataclass
+class ResizeReconstructor:
+    """The no-learning reference: ``--vae bicubic:F`` downsizes by ``F`` (Pillow's Lanczos-3, antialiased)
+    and upsizes back with Pillow's bicubic (Keys, a = -0.5), in float32 per channel (Pillow's "F" mode,
+    so nothing is quantised to 8 bits). The small image is clipped to [0, 1], as any stored low-resolution
+    image is, and so is the result, like a decoder's output.
+
+    ``bicubic:8`` keeps 3 numbers per 8×8 pixels, fewer than an f = 8, 4-channel latent's 4: a VAE that
+    does not beat it has learnt less than a resize. ``bicubic:4`` (48 numbers per 8×8) is a harder bar.
+    Pillow computes this; we only wrap it."""
+
+    name: str
+    factor: int
+
+    PREFIX = "bicubic:"
+
+    @classmethod
+    def parse(cls, src: str, name: str | None = None) -> "ResizeReconstructor":
+        text = str(src)[len(cls.PREFIX):]
+        try:
+            factor = int(text)
+        except ValueError:
+            factor = 0
+        if factor < 2 or factor > 64:
+            raise EvalError(f"--vae {src}: expected bicubic:F with an integer factor F from 2 to 64, e.g. bicubic:8")
+        return cls(name or f"bicubic×{factor}", factor)
+
+    def __call__(self, batch01: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        n, h, w, c = batch01.shape
+        f = self.factor
+        if h % f or w % f:
+            raise EvalError(f"{self.name}: image size {(h, w)} is not a multiple of {f}")
+        out = np.empty((n, h, w, c), np.float32)
+        for i in range(n):
+            for ch in range(c):
+                im = Image.fromarray(np.ascontiguousarray(batch01[i, :, :, ch], np.float32), mode="F")
+                small = np.clip(np.asarray(im.resize((w // f, h // f), Image.Resampling.LANCZOS)), 0.0, 1.0)
+                small = Image.fromarray(np.ascontiguousarray(small, np.float32), mode="F")
+                out[i, :, :, ch] = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC), np.float32)
+        return np.clip(out, 0.0, 1.0)
+
+
+def load_reconstructor(src: str, name: str | None = None, batch_size: int = 8):
+    """``--vae`` values: ``bicubic:F`` (:class:`ResizeReconstructor`), else a VAE (:meth:`VAEReconstructor.load`)."""
+    if str(src).startswith(ResizeReconstructor.PREFIX):
+        return ResizeReconstructor.parse(src, name)
+    return VAEReconstructor.load(src, name, batch_size)
+
+
 def _short_name(src: str) -> str:
     """A readable VAE name: the run folder for ``runs/NAME/export/diffusers``, else the last path part or the hub id."""
+    if str(src).startswith(ResizeReconstructor.PREFIX):
+        return ResizeReconstructor.parse(src).name
     p = Path(str(src).rstrip("/"))
     if p.exists():
         parts = [q for q in p.resolve().parts if q not in ("diffusers", "export", "vae", "")]
@@ -588,7 +641,7 @@ def run_eval(vae_srcs: Iterable[str], sources: Sequence[str], out: Path, *, reso
     vae_srcs = list(vae_srcs)
     names = [_short_name(s) for s in vae_srcs]
     names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
-    vaes = [VAEReconstructor.load(s, n, batch_size) for s, n in zip(vae_srcs, names)]
+    vaes = [load_reconstructor(s, n, batch_size) for s, n in zip(vae_srcs, names)]
     images, skipped = gather_images(sources, limit=limit, split=split, render_size=max(max(resolutions), 512), log=log)
     result = evaluate(vaes, images, list(resolutions), lpips_net=lpips_net, batch_size=batch_size,
                       progress=progress, log=log)
@@ -615,7 +668,8 @@ def cached_evaluation(vaes: dict[str, str], sources: Sequence[str], resolutions:
     from fvae_core.runs.cache import _weights_fingerprint
 
     key = hashlib.sha256(json.dumps({
-        "v": EVAL_CACHE_VERSION, "vaes": {n: _weights_fingerprint(str(p)) for n, p in vaes.items()},
+        "v": EVAL_CACHE_VERSION, "vaes": {n: str(p) if str(p).startswith(ResizeReconstructor.PREFIX) else _weights_fingerprint(str(p))
+                 for n, p in vaes.items()},
         "sources": list(map(str, sources)), "res": list(resolutions), "limit": limit, "lpips": lpips_net,
     }, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(root) / f"eval-{key}.pkl"
@@ -623,7 +677,7 @@ def cached_evaluation(vaes: dict[str, str], sources: Sequence[str], resolutions:
         log(f"eval: reusing {path}")
         with open(path, "rb") as fh:  # our own file, written below
             return pickle.load(fh)
-    recons = [VAEReconstructor.load(str(p), name, batch_size) for name, p in vaes.items()]
+    recons = [load_reconstructor(str(p), name, batch_size) for name, p in vaes.items()]
     images, skipped = gather_images(sources, limit=limit, log=log)
     result = evaluate(recons, images, list(resolutions), lpips_net=lpips_net, batch_size=batch_size,
                       progress=progress, log=log)

@@ -139,6 +139,9 @@ class EvalPlan:
 #: and of the photos; 64² and 128² views test the resolution claim. All 8 photos are used.
 EVAL_FULL = EvalPlan(("openmoji", "photos"), 100, (64, 128), "vgg16")
 EVAL_SMOKE = EvalPlan(("openmoji", "photos"), 3, (32, 64), "alexnet")
+#: No-learning references evaluated beside every VAE, so that every number has a scale: 8x and 4x
+#: Lanczos down, bicubic up (:class:`fvae_core.evaluate.ResizeReconstructor`).
+REFERENCES = ("bicubic:8", "bicubic:4")
 
 
 def base_weights(s: Settings, pretrain: bool = False, log: Callable = print) -> Path:
@@ -171,12 +174,14 @@ def finetune_runs(s: Settings, base: Path, names=None, log: Callable = print) ->
 
 
 def suite_evaluation(s: Settings, base: Path, runs: dict[str, Path], log: Callable = print):
-    """The base and every finetune (EMA export) evaluated on the same images (:data:`EVAL_FULL` /
-    :data:`EVAL_SMOKE`), cached under the run root; VAE names are "base" and the ablation names."""
-    from fvae_core.evaluate import cached_evaluation
+    """The base, every finetune (EMA export) and the no-learning references (:data:`REFERENCES`) evaluated
+    on the same images (:data:`EVAL_FULL` / :data:`EVAL_SMOKE`), cached under the run root; VAE names are
+    "base", the ablation names and the references' names ("bicubic×8", "bicubic×4")."""
+    from fvae_core.evaluate import ResizeReconstructor, cached_evaluation
 
     plan = EVAL_SMOKE if s.smoke else EVAL_FULL
-    vaes = {"base": base, **{n: r / "export" / "diffusers" for n, r in runs.items()}}
+    vaes = {"base": base, **{n: r / "export" / "diffusers" for n, r in runs.items()},
+            **{ResizeReconstructor.parse(ref).name: ref for ref in REFERENCES}}
     return cached_evaluation(vaes, plan.sources, plan.resolutions, s.run_root, limit=plan.limit,
                              lpips_net=plan.lpips_net, log=log)
 
