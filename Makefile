@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fvae-installed
 
-.PHONY: venv test demo demo-smoke lab notebooks-sync bench bench-step bench-loader bench-gpu bench-data bench-eval tiny clean
+.PHONY: venv test demo demo-smoke debian-data lab notebooks-sync bench bench-step bench-loader bench-gpu bench-data bench-eval tiny clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,16 @@ test: $(STAMP)
 
 # The notebook suite at the embedded default scale: 01-06 executed headless (papermill), figures/ and
 # figures/claims.md written; runs cached by config hash under runs/suite (a second run takes minutes).
-demo: $(STAMP)
+# It uses the Debian photographs and paintings when apt-get can fetch them (else the PyPI photos only).
+demo: $(STAMP) debian-data
 	$(PY) -m fvae_core.suite
+
+# The Debian packages of the built-in `photos` (+24) and `painterly` (27) sources, unpacked (apt-get download +
+# dpkg-deb -x; nothing installed, no Depends pulled) into .debian-data/ with their versions in VERSIONS. Done
+# once (a complete folder is kept), atomically; one "skipped" line where apt-get is missing or fails. `make test`
+# and CI do not use it.
+debian-data: $(STAMP)
+	$(PY) -m fvae_core.data.packaged fetch
 
 demo-smoke: $(STAMP)
 	$(PY) -m fvae_core.suite --smoke

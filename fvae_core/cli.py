@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                          required=True)
     p = data.add_parser("prepare", help="decode folders / openmoji / photos once into shards (exit 2 if none usable)")
     p.add_argument("sources", nargs="+", metavar="SRC",
-                   help="a folder (recursive), an image file, 'openmoji' (4,495 flat-colour SVGs) or 'photos'")
+                   help="a folder (recursive), an image file, 'openmoji' (4,495 flat-colour SVGs), 'photos' or "
+                        "'painterly' (packaged photographs / paintings; more after `make debian-data`)")
     p.add_argument("--out", required=True, help="output folder (created atomically)")
     p.add_argument("--max-side", type=int, default=None, help="pre-downscale so the long side is at most N")
     p.add_argument("--min-side", type=int, default=256, help="skip images whose short side is below N (default 256)")
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a VAE (diffusers folder, hub id, single file) or a no-learning reference bicubic:F "
                         "(Lanczos down by F, bicubic up); repeat to compare, the first is the baseline")
     p.add_argument("--data", nargs="+", required=True, metavar="SRC",
-                   help="prepared dataset folder(s), 'openmoji', 'photos', image folders or files")
+                   help="prepared dataset folder(s), 'openmoji', 'photos', 'painterly', image folders or files")
     p.add_argument("--out", required=True, help="new output folder (per-image CSV/JSONL, summary, spectra, figures)")
     p.add_argument("--resolutions", default="256", help="comma-separated square sizes, e.g. 128,256,512 (default 256)")
     p.add_argument("--limit", type=int, default=None, help="at most N images per source (content-hash order)")

@@ -10,7 +10,7 @@ and :mod:`fvae_core.stats` (bootstrap CIs, paired differences). This module only
    of the image Lanczos-resized so that its short side is r (:func:`fvae_core.data.augment.centre_square`).
    Images smaller than r are skipped at r and reported, never upsampled: an upsampled image has an
    empty high band and would bias every spectral number. Subsets are the sources: ``openmoji`` is
-   flat art, ``photos`` are photographs, a folder is its own subset.
+   flat art, ``photos`` are photographs, ``painterly`` paintings, a folder is its own subset.
 2. **Reconstruction.** Every VAE sees exactly the same images (so A−B differences are paired). The
    latent is the posterior mean; the decoder output is clipped to [0, 1] (what any saved image
    would hold) but not quantised to 8 bits, so that the numbers describe the model and not the
@@ -55,7 +55,7 @@ HEADLINE = (
     ("flat_noise", "flat-region noise"),
 )
 CHANNELS = ("L", "a", "b")
-SUBSET_NAMES = {"openmoji": "flat art", "photos": "photos"}
+SUBSET_NAMES = {"openmoji": "flat art", "photos": "photos", "painterly": "painterly"}
 
 
 class EvalError(ValueError):
@@ -200,7 +200,7 @@ def gather_images(sources: Sequence[str], *, limit: int | None = None, split: st
             skipped += skip
             continue
         try:
-            items, _ = resolve_sources([spec])
+            items, _ = resolve_sources([spec], log=log)  # photos/painterly: which packages, one line
         except SourceError as e:
             raise EvalError(str(e)) from e
         hashed = []

@@ -5,6 +5,10 @@ import os
 
 # Never touch the network from tests: hub lookups fail at once instead of retrying for ~25 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The built-in `photos` are the PyPI ones (10) in every test, as on CI, even where `make debian-data` has filled
+# the project's .debian-data (34 photos): an empty FVAE_DEBIAN_ROOT means no project root. Tests of the Debian
+# sources pass fake roots (tests/test_sources_packaged.py). Inherited by the runs the tests start.
+os.environ.setdefault("FVAE_DEBIAN_ROOT", "")
 # The suite compiles hundreds of small programs whose run time is negligible next to their compile time.
 # LLVM at -O0 compiles XLA:CPU's code about twice as fast (the smoke train step, cold: 67 -> 30 s to its
 # first checkpoint); XLA's own HLO passes and its library convs and matmuls are unchanged. Set before jax

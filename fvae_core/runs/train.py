@@ -75,20 +75,28 @@ def enable_compilation_cache() -> None:
 
 def resolve_data(cfg: RunConfig, log=print) -> Path:
     """The prepared folder of a run: ``data.prepared``, or ``data.sources`` prepared once into the cache
-    (``$FVAE_CACHE``, default ``~/.cache/fvae``) under a name derived from the sources and settings."""
+    (``$FVAE_CACHE``, default ``~/.cache/fvae``) under a name derived from the sources and settings, and
+    from the packages (and versions) that ``photos``/``painterly`` resolve to on this machine (so
+    ``make debian-data`` leads to a new prepared set, not a stale one)."""
     from fvae_core.data.loader import DatasetError, PreparedDataset
+    from fvae_core.data.packaged import PACKAGED_SOURCES, resolve_packaged
+    from fvae_core.data.sources import BUILTIN_SOURCES, SourceError
 
     d = cfg.data
     if d.prepared:
         folder = Path(d.prepared).expanduser()
     else:
-        spec = [str(Path(s).resolve()) if Path(s).exists() and s not in ("openmoji", "photos") else s
+        spec = [str(Path(s).resolve()) if Path(s).exists() and s not in BUILTIN_SOURCES else s
                 for s in d.sources]
-        key = hashlib.sha256(json.dumps([spec, d.render_size, d.min_side]).encode()).hexdigest()[:12]
+        try:
+            packages = [resolve_packaged(s).line() for s in dict.fromkeys(d.sources) if s in PACKAGED_SOURCES]
+        except SourceError as e:
+            raise ConfigError(f"data: {e}") from e
+        key_parts = [spec, d.render_size, d.min_side] + ([packages] if packages else [])
+        key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:12]
         folder = _cache_root() / "prepared" / f"{'+'.join(Path(s).name for s in d.sources)}-{key}"
         if not (folder / "dataset.json").is_file():
             from fvae_core.data.prepare import NothingUsable, PrepareConfig, prepare
-            from fvae_core.data.sources import SourceError
 
             log(f"preparing {', '.join(d.sources)} into {folder} (once)")
             try:
@@ -98,6 +106,8 @@ def resolve_data(cfg: RunConfig, log=print) -> Path:
             except (SourceError, NothingUsable) as e:
                 raise ConfigError(f"data: {e}") from e
             log(report.lines()[0])
+            for line in report.packages.values():
+                log(line)
     try:
         PreparedDataset.open(folder)
     except DatasetError as e:
