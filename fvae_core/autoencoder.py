@@ -159,6 +159,10 @@ PRESET_CONFIGS: dict[str, VAEConfig] = {
     # Small SD-shaped model (f=8, 4 latent channels) for CPU demos and tests.
     "tiny-sd": _sd_like(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
                         sample_size=64),
+    # SD-shaped (f=8, 4 latent channels) with its width at the low resolutions, where channels are cheap:
+    # about 20% slower per step than tiny-sd on 2 CPU cores with 5.5x the parameters (6.8 M).
+    "small-sd": _sd_like(block_out_channels=(32, 64, 128, 192), layers_per_block=1, norm_num_groups=16,
+                         sample_size=128),
     # Smallest sensible model (f=2): smoke runs and tests, where compile time dominates.
     "micro": _sd_like(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
 }
