@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fvae-installed
 
-.PHONY: venv test demo demo-smoke debian-data lab notebooks-sync bench bench-step bench-loader bench-gpu bench-data bench-eval tiny clean
+.PHONY: venv test demo demo-smoke debian-data lab notebooks-sync bench bench-step bench-loader bench-gpu bench-data bench-eval tiny small clean
 
 venv: $(STAMP)
 
@@ -64,6 +64,12 @@ bench-gpu: $(STAMP)
 tiny: $(STAMP)
 	$(VENV)/bin/fvae train --config tiny-cpu --run-dir runs/tiny-cpu
 	$(VENV)/bin/fvae train --config tiny-cpu-finetune --set init=runs/tiny-cpu/export/diffusers --run-dir runs/tiny-cpu-finetune
+
+# The base in the regime (issue 27): pretrain small-sd (~2 h on 2 cores), then write weights/small-cpu with
+# its RECORD.json (128² numbers beside bicubic references) and figures/03_base_learning_curve.png.
+small: $(STAMP)
+	$(VENV)/bin/fvae train --config small-cpu --run-dir runs/small-cpu
+	$(PY) weights/record_base.py runs/small-cpu weights/small-cpu
 
 bench-data: $(STAMP)
 	$(PY) benchmarks/data.py

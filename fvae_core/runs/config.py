@@ -16,6 +16,9 @@ Presets (:data:`PRESETS`), each a small override of the defaults:
     an SD-shaped autoencoder (f=8, 4 latent channels, ``tiny-sd``) pretrained from scratch with the
     LDM recipe on the bundled OpenMoji + photos, then decoder-finetuned with the card's recipe from
     those weights, in minutes on 2 CPU cores.
+``small-cpu``
+    the committed base in the card's regime: ``small-sd`` (f=8, 4 latent channels, 6.8 M parameters),
+    the same LDM pretrain recipe and data, 4,000 steps (about two hours on 2 CPU cores).
 ``sd-vae-ft-mse``
     the card's run: init ``stabilityai/sd-vae-ft-mse``, 256 px crops, batch 32, 150k steps, EMA,
     bf16 compute; meant for a GPU.
@@ -260,6 +263,14 @@ PRESETS: dict[str, RunConfig] = {
                                    critic_ndf=32, ema_decay=0.995),
         data=_TINY_DATA, batch_size=8, steps=900, log_every=25, eval_every=300, eval_batches=4,
         sample_every=300, ckpt_every=300),
+    # The base in the regime (issue 27): small-sd (6.8 M), lr and steps from learning curves on 2 CPU cores,
+    # the adversarial phase over the last 25% of the steps; ~2 h. weights/small-cpu/RECORD.json has the run.
+    "small-cpu": RunConfig(
+        name="small-cpu", model="small-sd", lpips_net="alexnet",
+        recipe=dataclasses.replace(LDM_PRETRAIN, lr=4e-4, critic_lr=2e-4, critic_start=3000, disc_start=3200,
+                                   critic_ndf=32, ema_decay=0.995),
+        data=_TINY_DATA, batch_size=8, steps=4000, log_every=25, eval_every=250, eval_batches=4,
+        sample_every=1000, ckpt_every=250, keep_ckpts=2, export_dtype="fp16"),
     "tiny-cpu-finetune": RunConfig(
         name="tiny-cpu-finetune", init="weights/tiny-cpu", lpips_net="alexnet",
         recipe=RecipeConfig(lr=1e-4, critic_lr=1e-4, warmup_steps=20, critic_start=0, disc_start=100,

@@ -43,7 +43,8 @@ import numpy as np
 
 from fvae_core.runs.config import ConfigError, RunConfig, load_config, to_dict
 
-__all__ = ["NonFiniteHalt", "RunResult", "evaluate_vae", "resolve_data", "resume", "steps_per_call", "train"]
+__all__ = ["NonFiniteHalt", "RunResult", "evaluate_reconstructor", "evaluate_vae", "resolve_data", "resume",
+           "steps_per_call", "train"]
 
 
 class NonFiniteHalt(RuntimeError):
@@ -518,6 +519,18 @@ def _export(cfg: RunConfig, run_dir: Path, vae_config, params, log) -> None:
     if "single-file" in cfg.export:
         save_single_file(out / "vae.safetensors", vae_config, params, dtype=cfg.export_dtype)
     log(f"exported the EMA weights to {out}")
+
+
+def evaluate_reconstructor(cfg: RunConfig, reconstruct, log=print) -> dict:
+    """:func:`evaluate_vae`'s metrics for any ``reconstruct(batch01) -> batch01`` on the same validation
+    crops, e.g. a no-learning reference (:class:`fvae_core.evaluate.ResizeReconstructor`)."""
+    from fvae_core.data.loader import PreparedDataset
+
+    data = PreparedDataset.open(resolve_data(cfg, log))
+    batches = _val_batches(cfg, data, log)
+    if not batches:
+        raise ConfigError("no validation images for this config")
+    return _evaluate(lambda _, x: reconstruct(np.asarray(x, np.float32)), None, batches, lambda a: a)
 
 
 def evaluate_vae(cfg: RunConfig, vae_config, params, log=print) -> dict:
