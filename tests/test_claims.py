@@ -18,13 +18,14 @@ KEYS = ("psnr", "lpips", "err_hf_energy@0.25_L", "dhf_db@0.25_L", "overshoot_mea
         "ciede2000_mean", "L_mae", "a_mae", "b_mae", "sharpness_ratio")
 
 
-def _rows(effects: dict, n=40, resolutions=(64, 128), seed=0):
-    """effects: vae -> function(base_value_dict, subset, res) -> value dict (multiplicative tweaks)."""
+def _rows(effects: dict, n=40, resolutions=(64, 128), seed=0, subsets=("flat art", "photos")):
+    """effects: vae -> function(base_value_dict, subset, res) -> value dict (multiplicative tweaks).
+    The n images are split evenly over ``subsets``, in order."""
     rng = np.random.default_rng(seed)
     rows = []
     for res in resolutions:
         for i in range(n):
-            subset = "flat art" if i < n // 2 else "photos"
+            subset = subsets[i * len(subsets) // n]
             base = {k: float(rng.uniform(0.5, 1.5)) for k in KEYS}
             base["psnr"] = float(rng.uniform(20, 30))
             base["lpips"] = float(rng.uniform(0.05, 0.2))
@@ -168,3 +169,20 @@ def test_n_to_resolve_predicts_a_resolving_sample_size():
                                                           n_boot=1000), "negative", 0.1) == claims.SUPPORTED
                 for s in range(1, 11)]
     assert sum(resolved) >= 7, resolved
+
+
+def test_c2_with_a_painterly_subset_needs_both_contrasts():
+    """Three subsets: the effect on flat art only, so flat − photos and flat − painterly both hold; an effect
+    on flat art and paintings alike leaves flat − painterly null, and C2 is then not supported."""
+    def rows(painterly_too):
+        def card(v, subset, res, rng):
+            v = _jitter(v, rng)
+            if subset == "flat art" or (painterly_too and subset == "painterly"):
+                v["err_hf_energy@0.25_L"] *= 0.5
+            return v
+        return _rows({"base": _same, "card": card}, n=60, subsets=("flat art", "photos", "painterly"))
+    c2 = _by_id(claims.assess(rows(False), res_main=128, n_boot=500))["C2"]
+    assert c2.verdict == claims.SUPPORTED and set(c2.effects) >= {"flat − photos", "flat − painterly"}
+    c2 = _by_id(claims.assess(rows(True), res_main=128, n_boot=500))["C2"]
+    assert c2.verdict == claims.NO_EFFECT, c2.effects
+    assert c2.effects["flat − photos"].hi < 0 and abs(c2.effects["flat − painterly"].value) < 0.1
