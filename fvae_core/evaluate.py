@@ -660,15 +660,19 @@ EVAL_CACHE_VERSION = 1
 def cached_evaluation(vaes: dict[str, str], sources: Sequence[str], resolutions: Sequence[int], root, *,
                       limit: int | None = None, lpips_net: str | None = "vgg16", batch_size: int = 4,
                       progress: bool = True, log: Callable = print) -> EvalResult:
-    """:func:`evaluate` of named VAE folders, stored under ``root`` by a key over the weights' content,
-    the images asked for, the resolutions and the LPIPS net; a second call with the same inputs loads it."""
+    """:func:`evaluate` of named VAE folders (or ``bicubic:F`` references), stored under ``root`` by a key over
+    the weights' content, the images asked for (with the packages and versions the packaged sources resolve
+    to here), the resolutions and the LPIPS net; a second call with the same inputs loads it."""
     import hashlib
     import pickle
 
     from fvae_core.runs.cache import _weights_fingerprint
 
+    from fvae_core.data.packaged import PACKAGED_SOURCES, resolve_packaged
+
+    packages = [resolve_packaged(str(src)).line() for src in sources if str(src) in PACKAGED_SOURCES]
     key = hashlib.sha256(json.dumps({
-        "v": EVAL_CACHE_VERSION, "vaes": {n: str(p) if str(p).startswith(ResizeReconstructor.PREFIX) else _weights_fingerprint(str(p))
+        "v": EVAL_CACHE_VERSION, "packages": packages, "vaes": {n: str(p) if str(p).startswith(ResizeReconstructor.PREFIX) else _weights_fingerprint(str(p))
                  for n, p in vaes.items()},
         "sources": list(map(str, sources)), "res": list(resolutions), "limit": limit, "lpips": lpips_net,
     }, sort_keys=True).encode()).hexdigest()[:12]

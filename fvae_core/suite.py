@@ -173,6 +173,20 @@ def finetune_runs(s: Settings, base: Path, names=None, log: Callable = print) ->
     return {n: cache.cached_run(finetune_config(s, base, n), s.run_root, log=log) for n in names}
 
 
+def eval_sources(plan: EvalPlan, log: Callable = print) -> tuple[str, ...]:
+    """The plan's sources, plus the ``painterly`` subset where its Debian packages are here
+    (``make debian-data``; the card separates flat, realistic and painterly); says so when it is not."""
+    from fvae_core.data.packaged import resolve_packaged
+    from fvae_core.data.sources import SourceError
+
+    try:
+        resolve_packaged("painterly")  # the evaluation's own log names its packages
+    except SourceError as e:
+        log(f"{e} (the evaluation goes on without a painterly subset)")
+        return tuple(plan.sources)
+    return tuple(plan.sources) + ("painterly",)
+
+
 def suite_evaluation(s: Settings, base: Path, runs: dict[str, Path], log: Callable = print):
     """The base, every finetune (EMA export) and the no-learning references (:data:`REFERENCES`) evaluated
     on the same images (:data:`EVAL_FULL` / :data:`EVAL_SMOKE`), cached under the run root; VAE names are
@@ -180,9 +194,10 @@ def suite_evaluation(s: Settings, base: Path, runs: dict[str, Path], log: Callab
     from fvae_core.evaluate import ResizeReconstructor, cached_evaluation
 
     plan = EVAL_SMOKE if s.smoke else EVAL_FULL
+    sources = eval_sources(plan, log)
     vaes = {"base": base, **{n: r / "export" / "diffusers" for n, r in runs.items()},
             **{ResizeReconstructor.parse(ref).name: ref for ref in REFERENCES}}
-    return cached_evaluation(vaes, plan.sources, plan.resolutions, s.run_root, limit=plan.limit,
+    return cached_evaluation(vaes, sources, plan.resolutions, s.run_root, limit=plan.limit,
                              lpips_net=plan.lpips_net, log=log)
 
 

@@ -525,3 +525,20 @@ def test_real_debian_packages():
     assert any("Emilien Rotival (LordBob)" in it.author for it in paintings)
     copyright_ = (DEFAULT_DEBIAN_DIR / "usr/share/doc/wesnoth-1.16-trow/copyright").read_text()
     assert "GNU General Public License version 2" in copyright_ and "any later version" in copyright_
+
+
+def test_suite_evaluates_paintings_when_they_are_here(roots):
+    """The notebook suite adds the painterly subset where its packages are (make debian-data)."""
+    from fvae_core import suite
+
+    lines = []
+    assert suite.eval_sources(suite.EVAL_FULL, lines.append) == ("openmoji", "photos", "painterly")
+    assert lines == []
+
+
+def test_suite_goes_on_without_paintings_and_says_so(pip_only):
+    from fvae_core import suite
+
+    lines = []
+    assert suite.eval_sources(suite.EVAL_FULL, lines.append) == ("openmoji", "photos")
+    assert len(lines) == 1 and "no packaged paintings found" in lines[0] and "without a painterly subset" in lines[0]
