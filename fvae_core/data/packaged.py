@@ -384,6 +384,11 @@ def fetch_debian(dest=None, packages=DEBIAN_PACKAGES, *, log: Callable = print) 
         debs = tmp / ".debs"
         debs.mkdir()
         r = subprocess.run(["apt-get", "download", *packages], cwd=debs, capture_output=True, text=True)
+        if r.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            # a fresh machine's package lists are empty: as root, read them once and try again
+            log("debian-data: apt-get download failed; running `apt-get update` once and retrying")
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            r = subprocess.run(["apt-get", "download", *packages], cwd=debs, capture_output=True, text=True)
         if r.returncode != 0:
             log(f"debian-data: skipped, `apt-get download` failed ({_last_line(r.stderr or r.stdout)}); "
                 "without network access or package lists (`apt-get update`) `photos` uses the PyPI "
