@@ -9,7 +9,6 @@ existing datasets cannot move. The real ``make debian-data`` folder is checked o
 """
 from __future__ import annotations
 
-
 import hashlib
 import io
 import json
