@@ -6,7 +6,8 @@ why, its smallest effect of interest δ and why, the measured effect (an :class:
 mean and 95% bootstrap CI over images), and a verdict from the CI and δ alone, never from the point
 estimate (:func:`verdict_from_ci`):
 
-* **supported**: the CI lies entirely beyond zero on the side the claim predicts;
+* **supported**: the CI lies entirely beyond zero on the side the claim predicts (this comes first: a
+  resolved effect smaller than δ is still supported, and its CI in the table shows how small);
 * **contradicted**: the CI lies entirely beyond zero on the other side;
 * **no effect larger than δ**: the CI lies inside ±δ (an effect may exist, but it is too small to matter);
 * **underpowered**: anything else (the CI straddles zero and reaches past δ), with the number of images

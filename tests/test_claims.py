@@ -137,6 +137,8 @@ def test_noisy_small_sample_is_underpowered_with_the_n_that_resolves_it():
     ((0.01, -0.05, 0.07), "negative", 0.06, claims.UNDERPOWERED),
     ((0.1, -0.5, 0.7), "negative", 0.1, claims.UNDERPOWERED),
     ((-0.3, -0.5, 0.0), "negative", 1.0, claims.NO_EFFECT),  # inside ±δ although it leans the right way
+    ((0.0, -0.5, 0.5), "negative", 0.5, claims.UNDERPOWERED),  # touching ±δ is not inside it
+    ((-0.05, -0.08, -0.02), "negative", 0.1, claims.SUPPORTED),  # resolved beats small: the sign comes first
     ((1.0, float("nan"), float("nan")), "positive", 0.1, claims.UNDERPOWERED),
 ])
 def test_verdict_from_ci(est, predicted, delta, want):

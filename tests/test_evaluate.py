@@ -180,6 +180,12 @@ def test_bicubic_reference_against_the_definitions(images):
     rec = ResizeReconstructor.parse("bicubic:4")(np.ascontiguousarray(ramp))
     # Lanczos-3 at 4x reaches 12 px, then the cubic 2 more: exact to 1e-4 beyond 16 px from the edges.
     np.testing.assert_allclose(rec[:, 16:-16], ramp[:, 16:-16], atol=1e-4)
+    # not square: height and width are not swapped anywhere
+    wide = np.ascontiguousarray(np.broadcast_to(np.linspace(0.1, 0.9, 64, dtype=np.float32)[None, None, :, None],
+                                                (1, 32, 64, 3)))
+    rec = ResizeReconstructor.parse("bicubic:4")(wide)
+    assert rec.shape == wide.shape
+    np.testing.assert_allclose(rec[:, :, 16:-16], wide[:, :, 16:-16], atol=1e-4)
 
     views, _ = views_at(images, 64)
     x = np.stack([v.rgb for v in views]).astype(np.float32) / 255.0
