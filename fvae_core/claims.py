@@ -125,14 +125,20 @@ def _combine(verdicts: Sequence[str]) -> str:
     return NO_EFFECT if NO_EFFECT in verdicts else UNDERPOWERED
 
 
-def _judge(parts: Sequence[tuple[stats.Estimate, str, float]]) -> tuple[str, int | None]:
-    """Verdict and, when underpowered, the n that would resolve every underpowered part."""
-    verdicts = [verdict_from_ci(e, side, d) for e, side, d in parts]
+def _judge(parts: Sequence[tuple[stats.Estimate, str, str]]) -> tuple[str, int | None]:
+    """Verdict and, when underpowered, the n that would resolve every underpowered part. Each part is
+    ``(estimate, predicted side, key of its δ in DELTAS)``."""
+    verdicts = [verdict_from_ci(e, side, DELTAS[key][0]) for e, side, key in parts]
     v = _combine(verdicts)
     if v != UNDERPOWERED:
         return v, None
-    ns = [n_to_resolve(e, d) for (e, _, d), pv in zip(parts, verdicts) if pv == UNDERPOWERED]
-    return v, (None if any(n is None for n in ns) or not ns else max(ns))
+    return v, _max_n([n_to_resolve(e, DELTAS[key][0]) for (e, _, key), pv in zip(parts, verdicts)
+                      if pv == UNDERPOWERED])
+
+
+def _max_n(ns: Sequence[int | None]) -> int | None:
+    """The n that resolves every part, or None when one of them cannot say."""
+    return None if not ns or any(n is None for n in ns) else max(ns)
 
 
 def _delta(key: str, unit: str) -> str:
@@ -183,7 +189,7 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         for s in result.subsets():
             sub = _per_image_db(result, base, card, res_main, HF_KEY, s)
             effects[f"{s}, {res_main}²"] = stats.bootstrap_ci(np.array(list(sub.values())), **kw)
-        v, n = _judge([(est, "negative", DELTAS["hf_db"][0])])
+        v, n = _judge([(est, "negative", "hf_db")])
         out.append(Claim("C1", CLAIMS["C1"], metric1, why1, est, "dB", v,
                          f"reconstruction high-band power change ΔHF(card) − ΔHF(base): {dhf.fmt(2)} dB" if dhf else "",
                          effects, _delta("hf_db", "dB"), n, DELTAS["hf_db"][0]))
@@ -203,7 +209,7 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
             est_o = stats.unpaired_difference(flat, vals, **kw)
             effects[other] = stats.bootstrap_ci(np.array(vals), **kw)
             effects[f"flat − {other}"] = est_o
-            parts.append((est_o, "negative", DELTAS["hf_db"][0]))
+            parts.append((est_o, "negative", "hf_db"))
             sizes.append(f"{other} n={len(vals)}")
         # n_to_resolve of an unpaired difference: the smaller group's size (its spread dominates the CI)
         v, n = _judge(parts)
@@ -225,7 +231,7 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         effects = {f"{res}²": stats.bootstrap_ci(np.array(list(_per_image_db(result, base, card, res, HF_KEY).values())), **kw)
                    for res in result.resolutions}
         effects[f"{lo_res}² − {hi_res}²"] = est
-        v, n = _judge([(est, "negative", DELTAS["hf_db"][0])])
+        v, n = _judge([(est, "negative", "hf_db")])
         out.append(Claim("C3", CLAIMS["C3"], metric3, why3, est, "dB", v,
                          f"n={len(common)} images at both resolutions", effects, _delta("hf_db", "dB"), n, DELTAS["hf_db"][0]))
 
@@ -238,7 +244,7 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
     else:
         p = result.paired(base, card, ["overshoot_mean", "flat_noise"], **kw)[res_main]["all"]
         d = DELTAS["oklab_l"][0]
-        v, n = _judge([(p["overshoot_mean"], "negative", d), (p["flat_noise"], "negative", d)])
+        v, n = _judge([(p["overshoot_mean"], "negative", "oklab_l"), (p["flat_noise"], "negative", "oklab_l")])
         out.append(Claim("C4", CLAIMS["C4"], metric4, why4, p["overshoot_mean"], "Oklab L", v,
                          f"flat-region noise change {p['flat_noise'].fmt(4)}",
                          {"overshoot": p["overshoot_mean"], "flat noise": p["flat_noise"]},
@@ -267,9 +273,8 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
                                                           ps.hi + PSNR_MARGIN, ps.n), 0.0))
                 if worst is None or ps.value < worst[1].value:
                     worst = (f"{g} at {res}²", ps, lp)
-        v = (CONTRADICTED if CONTRADICTED in verdicts else SUPPORTED if all(x == SUPPORTED for x in verdicts)
-             else UNDERPOWERED) if verdicts else NOT_MEASURED
-        n = max(ns) if v == UNDERPOWERED and ns and None not in ns else None
+        v = _combine(verdicts) if verdicts else NOT_MEASURED
+        n = _max_n(ns) if v == UNDERPOWERED else None
         out.append(Claim("C5", CLAIMS["C5"], metric5, why5, worst[1] if worst else None, "dB PSNR", v,
                          f"worst subset: {worst[0]}, PSNR {worst[1].fmt(2)} dB, LPIPS {worst[2].fmt(4)}" if worst else "",
                          effects, f"the non-inferiority margins ({PSNR_MARGIN} dB, {LPIPS_MARGIN} LPIPS)", n))
@@ -283,7 +288,7 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
         out.append(_not_measured("C6", metric6, why6, "ΔE00", miss))
     else:
         p = result.paired(srgb, card, ["ciede2000_mean", "L_mae", "a_mae", "b_mae"], **kw)[res_main]["all"]
-        v, n = _judge([(p["ciede2000_mean"], "negative", DELTAS["de00"][0])])
+        v, n = _judge([(p["ciede2000_mean"], "negative", "de00")])
         out.append(Claim("C6", CLAIMS["C6"], metric6, why6, p["ciede2000_mean"], "ΔE00", v,
                          f"Oklab MAE change L {p['L_mae'].fmt(4)}, a {p['a_mae'].fmt(4)}, b {p['b_mae'].fmt(4)}",
                          {"ΔE2000": p["ciede2000_mean"]}, _delta("de00", "ΔE00"), n,
@@ -300,7 +305,7 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
     else:
         ps = result.paired(mse, card, ["sharpness_ratio"], **kw)[res_main]["all"]["sharpness_ratio"]
         pn = result.paired(mae, card, ["flat_noise"], **kw)[res_main]["all"]["flat_noise"]
-        v, n = _judge([(ps, "positive", DELTAS["sharpness"][0]), (pn, "negative", DELTAS["oklab_l"][0])])
+        v, n = _judge([(ps, "positive", "sharpness"), (pn, "negative", "oklab_l")])
         out.append(Claim("C7", CLAIMS["C7"], metric7, why7, ps, "sharpness ratio", v,
                          f"flat-region noise, mix − MAE-only: {pn.fmt(4)}",
                          {"sharpness: mix − MSE": ps, "flat noise: mix − MAE": pn},

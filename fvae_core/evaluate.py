@@ -666,11 +666,14 @@ def cached_evaluation(vaes: dict[str, str], sources: Sequence[str], resolutions:
     import hashlib
     import pickle
 
+    from fvae_core.data.packaged import packages_fingerprint
+    from fvae_core.data.sources import SourceError
     from fvae_core.runs.cache import _weights_fingerprint
 
-    from fvae_core.data.packaged import PACKAGED_SOURCES, resolve_packaged
-
-    packages = [resolve_packaged(str(src)).line() for src in sources if str(src) in PACKAGED_SOURCES]
+    try:
+        packages = packages_fingerprint(sources)
+    except SourceError as e:
+        raise EvalError(str(e)) from e
     key = hashlib.sha256(json.dumps({
         "v": EVAL_CACHE_VERSION, "packages": packages, "vaes": {n: str(p) if str(p).startswith(ResizeReconstructor.PREFIX) else _weights_fingerprint(str(p))
                  for n, p in vaes.items()},

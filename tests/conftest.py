@@ -66,6 +66,48 @@ def torch_state_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def torch_patchgan(ndf: int, norm: str = "layer", groups: int = 1):
+    """The PatchGAN critic as plain torch: taming's NLayerDiscriminator (n_layers 3, kernel 4, padding 1,
+    LeakyReLU 0.2), no conv bias before a norm; the card's layer norm is GroupNorm(1, C) (moments over C, H,
+    W, a per-channel affine). Layer indices are taming's, so fvae's ``main_<i>`` maps to ``<i>``."""
+    from torch import nn
+
+    def make_norm(c):
+        return {"layer": lambda: nn.GroupNorm(1, c, eps=1e-5), "group": lambda: nn.GroupNorm(groups, c, eps=1e-5),
+                "batch": lambda: nn.BatchNorm2d(c, eps=1e-5), "none": nn.Identity}[norm]()
+
+    layers, cin = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2)], ndf
+    for n in (1, 2, 3):
+        cout = ndf * min(2 ** n, 8)
+        layers += [nn.Conv2d(cin, cout, 4, 2 if n < 3 else 1, 1, bias=norm == "none"), make_norm(cout),
+                   nn.LeakyReLU(0.2)]
+        cin = cout
+    return nn.Sequential(*layers, nn.Conv2d(cin, 1, 4, 1, 1))
+
+
+def patchgan_state_from_flax(params) -> dict[str, np.ndarray]:
+    """Every leaf of fvae's critic params (or gradients) under its torch key: ``main_3/scale`` -> ``3.weight``,
+    kernels HWIO -> OIHW."""
+    out = {}
+    for mod, leaves in params.items():
+        idx = mod.removeprefix("main_")
+        for leaf, a in leaves.items():
+            a = np.asarray(a, np.float32)
+            out[f"{idx}.{'bias' if leaf == 'bias' else 'weight'}"] = a.transpose(3, 2, 0, 1).copy() if a.ndim == 4 \
+                else a.copy()
+    return out
+
+
+@pytest.fixture
+def pip_only(tmp_path, monkeypatch):
+    """The packaged sources as on a pip-only machine (CI): no Debian packages, so ``photos`` is scikit-image's 8
+    and scikit-learn's 2 (the Debian ones are tested with fake package roots in test_sources_packaged.py)."""
+    from fvae_core.data import packaged
+
+    monkeypatch.setattr(packaged, "SYSTEM_ROOT", tmp_path / "no-debian")
+    monkeypatch.setenv("FVAE_DEBIAN_ROOT", "")
+
+
 @pytest.fixture(params=sorted(PARITY_CONFIGS))
 def parity_case(request):
     cfg = PARITY_CONFIGS[request.param]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import patchgan_state_from_flax, torch_patchgan
 from fvae_core import critic as C
 
 NORMS_PER_SAMPLE = ("layer", "group", "none")
@@ -113,27 +114,9 @@ def test_init_statistics():
 def _torch_patchgan(params, norm, ndf=SMALL["ndf"], groups=SMALL["groups"]):
     """The taming layer list (n_layers 3) as a plain torch nn.Sequential, loaded from the flax params."""
     import torch
-    from torch import nn
 
-    def make_norm(c):
-        return {"layer": lambda: nn.GroupNorm(1, c, eps=1e-5), "group": lambda: nn.GroupNorm(groups, c, eps=1e-5),
-                "batch": lambda: nn.BatchNorm2d(c, eps=1e-5)}[norm]()
-
-    has_norm = norm != "none"
-    layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
-    for cin, cout, s in [(ndf, 2 * ndf, 2), (2 * ndf, 4 * ndf, 2), (4 * ndf, 8 * ndf, 1)]:
-        layers += [nn.Conv2d(cin, cout, 4, s, 1, bias=not has_norm),
-                   make_norm(cout) if has_norm else nn.Identity(), nn.LeakyReLU(0.2)]
-    layers += [nn.Conv2d(8 * ndf, 1, 4, 1, 1)]
-    seq = nn.Sequential(*layers).train()  # train mode: BatchNorm uses batch statistics
-    state = {}
-    for mod, p in params.items():
-        idx = mod.split("_")[1]
-        for k, v in p.items():
-            v = np.asarray(v)
-            if k == "kernel":
-                v = v.transpose(3, 2, 0, 1)
-            state[f"{idx}.{'bias' if k == 'bias' else 'weight'}"] = torch.from_numpy(v.copy())
+    seq = torch_patchgan(ndf, norm, groups).train()  # train mode: BatchNorm uses batch statistics
+    state = {k: torch.from_numpy(v) for k, v in patchgan_state_from_flax(params).items()}
     missing, unexpected = seq.load_state_dict(state, strict=False)
     assert not unexpected and all(("running" in m or "num_batches" in m) for m in missing), (missing, unexpected)
     return seq

@@ -501,17 +501,7 @@ def test_small_image_skipped_or_upsampled(tmp_path, corpus):
 SKLEARN_PHOTOS = ("scikit-learn/china.jpg", "scikit-learn/flower.jpg")
 
 
-@pytest.fixture
-def pip_photos(tmp_path, monkeypatch):
-    """`photos` as on a pip-only machine (CI): scikit-image's 8 and scikit-learn's 2, no Debian packages
-    (those are tested with fake package roots in test_sources_packaged.py)."""
-    from fvae_core.data import packaged
-
-    monkeypatch.setattr(packaged, "SYSTEM_ROOT", tmp_path / "no-debian")
-    monkeypatch.setenv("FVAE_DEBIAN_ROOT", "")
-
-
-def test_photos_source(tmp_path, pip_photos):
+def test_photos_source(tmp_path, pip_only):
     import skimage.data
     import sklearn.datasets
 
@@ -573,7 +563,7 @@ def test_openmoji_source_subset(tmp_path, monkeypatch):
     assert {r["name"]: r["split"] for r in rows} == expected_splits(contents, 0.02)
 
 
-def test_mixed_sources_with_worker_processes(tmp_path, corpus, pip_photos):
+def test_mixed_sources_with_worker_processes(tmp_path, corpus, pip_only):
     """The one test with a process pool: a folder plus the photos, min_side 64, two workers."""
     src = str(corpus.src)
     report = run([src, "photos"], tmp_path / "out", corpus_cfg(), workers=2)

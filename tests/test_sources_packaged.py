@@ -138,12 +138,6 @@ def roots(tmp_path, monkeypatch):
     return system, project, files
 
 
-@pytest.fixture
-def pip_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(packaged, "SYSTEM_ROOT", tmp_path / "no-system")
-    monkeypatch.setenv("FVAE_DEBIAN_ROOT", "")
-
-
 def versions_of(*dists):
     from importlib.metadata import version
     return [version(d) for d in dists]

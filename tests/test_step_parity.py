@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_torch_vae, torch_state_numpy
+from conftest import make_torch_vae, patchgan_state_from_flax, torch_patchgan, torch_state_numpy
 from fvae_core.autoencoder import PRESET_CONFIGS
 from fvae_core.data import skimage_photo
 from fvae_core.losses import furception_pixel_weights
@@ -144,28 +144,10 @@ class TorchLPIPS(nn.Module):
         return total  # (B,)
 
 
-def torch_patchgan(ndf: int) -> nn.Sequential:
-    """taming's NLayerDiscriminator (n_layers 3, kernel 4, padding 1, LeakyReLU 0.2) with the card's layer norm
-    (GroupNorm(1, C): moments over C, H, W, a per-channel affine), no bias before a norm. Indices are taming's."""
-    layers, cin = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2)], ndf
-    for n in (1, 2, 3):
-        cout = ndf * min(2 ** n, 8)
-        layers += [nn.Conv2d(cin, cout, 4, 2 if n < 3 else 1, 1, bias=False), nn.GroupNorm(1, cout, eps=1e-5),
-                   nn.LeakyReLU(0.2)]
-        cin = cout
-    return nn.Sequential(*layers, nn.Conv2d(cin, 1, 4, 1, 1))
-
-
 def critic_state_from_flax(params) -> dict[str, np.ndarray]:
     """Strict: every flax leaf to its torch key (``main_3/scale`` -> ``3.weight``, HWIO -> OIHW), nothing left."""
     ref = torch_patchgan(RECIPE.critic_ndf).state_dict()
-    out = {}
-    for mod, leaves in params.items():
-        idx = mod.removeprefix("main_")
-        for leaf, a in leaves.items():
-            a = np.asarray(a, np.float32)
-            key = f"{idx}.{'bias' if leaf == 'bias' else 'weight'}"
-            out[key] = a.transpose(3, 2, 0, 1).copy() if a.ndim == 4 else a.copy()
+    out = patchgan_state_from_flax(params)
     assert set(out) == set(ref), (sorted(out), sorted(ref))
     assert all(out[k].shape == tuple(ref[k].shape) for k in ref)
     return out

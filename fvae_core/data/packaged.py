@@ -38,9 +38,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
+from fvae_core.data.prepare import move_into_place
 from fvae_core.data.sources import SKIMAGE_PHOTOS, SourceError, SourceItem
 
 __all__ = ["DEBIAN_IMAGES", "PACKAGED_SOURCES", "SKIMAGE_CREDITS", "Credit", "DebianImages", "Packaged",
+           "packages_fingerprint",
            "debian_roots", "debian_version", "fetch_debian", "project_debian_root", "resolve_packaged"]
 
 #: Where ``apt-get install`` puts files; a module attribute so that tests can point it at a fake root.
@@ -247,6 +249,18 @@ class Packaged:
         return f"{self.source}: " + ", ".join(self.found + self.missing)
 
 
+def packages_fingerprint(sources) -> list[list[str]]:
+    """What the packaged sources among ``sources`` resolve to here: ``[source, "19 tuxpaint-data 1:0.9.28-…
+    (Debian)", …]`` per source, the found packages with their counts and versions only (not the log's
+    wording), for the cache keys of prepared data and evaluations. Raises :class:`SourceError`."""
+    out = []
+    for src in dict.fromkeys(map(str, sources)):
+        if src in PACKAGED_SOURCES:
+            p = resolve_packaged(src)
+            out.append([src, *p.found])
+    return out
+
+
 def _item(source, name, kind, ref, credit: Credit, origin: str) -> SourceItem:
     origin += f"; {credit.website}" if credit.website else ""
     return SourceItem(source, name, kind, ref, licence=credit.licence, author=credit.author, origin=origin)
@@ -334,25 +348,6 @@ def resolve_packaged(source: str, roots=None) -> Packaged:
 # ---- make debian-data ------------------------------------------------------------------------------
 
 
-def _swap_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the finished ``tmp`` to ``dest``; an old ``dest`` is removed only afterwards."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        os.replace(dest, old)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(dest, 0o777 & ~mask)  # mkdtemp made it 0700
-
-
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1] if lines else "no message"
@@ -406,7 +401,7 @@ def fetch_debian(dest=None, packages=DEBIAN_PACKAGES, *, log: Callable = print) 
             return False
         shutil.rmtree(debs)
         (tmp / "VERSIONS").write_text("".join(f"{p} {versions[p]}\n" for p in packages), encoding="utf-8")
-        _swap_into_place(tmp, dest)
+        move_into_place(tmp, dest)
     except subprocess.CalledProcessError as e:
         log(f"debian-data: skipped, `{' '.join(map(str, e.cmd[:2]))}` failed ({_last_line(e.stderr)})")
         return False

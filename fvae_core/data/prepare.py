@@ -46,8 +46,8 @@ from PIL import Image
 from fvae_core.data.sources import BUILTIN_SOURCES, decode_item, item_bytes, resolve_sources, sha256
 from fvae_core.images import ImageError
 
-__all__ = ["DATASET_FORMAT", "NothingUsable", "PrepareConfig", "PrepareFailed", "PrepareReport", "prepare",
-           "val_fraction_of"]
+__all__ = ["DATASET_FORMAT", "NothingUsable", "PrepareConfig", "PrepareFailed", "PrepareReport", "move_into_place",
+           "prepare", "val_fraction_of"]
 
 DATASET_FORMAT = "fvae-prepared/1"
 PILLOW_MAX_PIXELS = 89_478_485  # Pillow's own default decompression-bomb limit
@@ -369,7 +369,7 @@ def prepare(specs, out, cfg: PrepareConfig = PrepareConfig(), *, workers: int | 
             "seconds": round(report.seconds, 2)}, indent=1))
         _write_text(tmp / "report.txt", "\n".join(report.lines()) + "\n")
         _write_text(tmp / "dataset.json", json.dumps(dataset, indent=1))  # last: its presence means complete
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -381,8 +381,10 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary folder to ``out``; an old ``out`` is removed only afterwards."""
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary folder ``tmp`` to ``out``; an old ``out`` is removed only afterwards,
+    and restored if the rename fails. The folder gets the umask's permissions (``mkdtemp`` made it 0700).
+    The one folder swap of the data pipeline (prepared datasets, ``make debian-data``)."""
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"

@@ -128,14 +128,14 @@ def resolve_sources(specs, *, log=None) -> tuple[list[SourceItem], dict[str, lis
     names nothing, before any work is done. ``log`` (optional) gets one line per packaged source
     (``photos``, ``painterly``): the packages it used, with their versions, and those not found.
     """
+    from fvae_core.data.packaged import PACKAGED_SOURCES, resolve_packaged  # it imports this module
+
     items, ignored = [], {}
     for spec in specs:
         spec = str(spec)
         if spec == "openmoji":
             items += _openmoji_items(spec)
-        elif spec in ("photos", "painterly"):
-            from fvae_core.data.packaged import resolve_packaged
-
+        elif spec in PACKAGED_SOURCES:
             packaged = resolve_packaged(spec)
             items += packaged.items
             if log is not None:
