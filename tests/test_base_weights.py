@@ -5,6 +5,7 @@ beside the no-learning bicubic×8 reference on the same images."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import importlib.util
 import json
 from pathlib import Path
@@ -41,8 +42,10 @@ def test_base_is_small_and_records_the_preset(record):
     assert record["steps"] == recorded.steps and record["seconds"] > 0 and record["git_commit"]
     # the learning curve ends where the run ended, and has its scale beside it
     assert record["curve"][-1]["step"] == recorded.steps
-    assert {"bicubic:8", "bicubic:4", "previous base"} <= set(record["curve_references"])
-    assert record["curve_references"]["previous base"] < record["curve"][-1]["val_ema/psnr"]
+    refs = record["curve_references"]
+    assert {"bicubic×8", "bicubic×4", "previous base"} <= set(refs)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in refs.values()), refs  # a scale, never null
+    assert refs["previous base"] < record["curve"][-1]["val_ema/psnr"]
 
 
 def test_recorded_psnr_at_128_is_recomputed_image_by_image(record):

@@ -14,8 +14,8 @@ What the record holds, beside the run's own config, command, commit, time and fi
 * ``per_image``: PSNR of the first 16 OpenMoji validation images (content-hash order) for this base and
   bicubic×8, which ``tests/test_base_weights.py`` recomputes.
 
-``--prepared`` names the prepared folder the run trained on when the cache key of its sources has changed
-since (the reference lines must be measured on the run's own validation crops). The figure goes to
+The reference lines are measured on the run's own validation crops: the prepared folder its
+``environment.json`` names (``--prepared`` overrides it, e.g. after the folder moved). The figure goes to
 ``figures/03_base_learning_curve.png``. Everything is written to a temporary folder first and renamed.
 """
 from __future__ import annotations
@@ -27,8 +27,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_IMAGE = 16
@@ -42,15 +40,15 @@ def openmoji_val_images(size: int = 128, limit: int | None = None):
     from fvae_core.evaluate import EvalImage
 
     items, _ = resolve_sources(["openmoji"])
-    hashed = sorted(((sha256(item_bytes(it)), it) for it in items), key=lambda t: t[0])
+    hashed = sorted(((sha256(data), it, data) for it in items for data in [item_bytes(it)]), key=lambda t: t[0])
     out, seen = [], set()
-    for digest, it in hashed:
+    for digest, it, data in hashed:
         if val_fraction_of(digest) >= PrepareConfig().val_fraction:
             break
         if digest in seen:
             continue
         seen.add(digest)
-        out.append(EvalImage(f"openmoji/{it.name}", "flat art", decode_item(it, item_bytes(it), render_size=size).rgb))
+        out.append(EvalImage(f"openmoji/{it.name}", "flat art", decode_item(it, data, render_size=size).rgb))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -66,7 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--probe", action="append", default=[], metavar="LABEL=RUN_DIR",
                     help="a learning-rate probe run whose training loss is drawn beside the base's")
-    ap.add_argument("--prepared", default=None, help="the prepared folder the run trained on")
+    ap.add_argument("--prepared", default=None,
+                    help="the prepared folder the run trained on (default: its environment.json's data_dir)")
     ap.add_argument("--previous", default=str(ROOT / "weights" / "tiny-cpu"))
     ap.add_argument("--command", default=None, help="the command that made the run (default: from its argv)")
     args = ap.parse_args(argv)
@@ -75,10 +74,12 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fvae_core import stats
-    from fvae_core.evaluate import ResizeReconstructor, VAEReconstructor, evaluate, gather_images
+    from fvae_core.data.prepare import move_into_place
+    from fvae_core.evaluate import EvalError, ResizeReconstructor, VAEReconstructor, evaluate, gather_images
+    from fvae_core.plotting import save_figure
     from fvae_core.runs.config import RunConfig, from_dict
-    from fvae_core.runs.train import evaluate_reconstructor, evaluate_vae
+    from fvae_core.runs.train import PSNR_8BIT_CAP, evaluate_reconstructor, evaluate_vae
+    from fvae_core.suite import REFERENCES
     from fvae_core.weights import load_vae
 
     run = args.run_dir
@@ -90,14 +91,17 @@ def main(argv=None) -> int:
     if not (export / "config.json").is_file():
         print(f"{export}: no export (has the run finished?)", file=sys.stderr)
         return 2
-    eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=args.prepared)) \
-        if args.prepared else cfg
+    prepared = args.prepared or env.get("data_dir")
+    if not prepared or not (Path(prepared) / "dataset.json").is_file():
+        print(f"{prepared}: not a prepared folder; name the one the run trained on with --prepared", file=sys.stderr)
+        return 2
+    eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared=str(prepared)))
 
     # The learning curve with its scale: references on the run's own validation crops.
     curve = [{"step": r["step"], "val/psnr": r["val/psnr"], "val_ema/psnr": r["val_ema/psnr"]}
              for r in rows if "val_ema/psnr" in r]
-    refs = {ref: evaluate_reconstructor(eval_cfg, ResizeReconstructor.parse(ref), log=lambda m: None)["val/psnr"]
-            for ref in ("bicubic:8", "bicubic:4")}
+    resizes = [ResizeReconstructor.parse(ref) for ref in REFERENCES]
+    refs = {r.name: evaluate_reconstructor(eval_cfg, r, log=lambda m: None)["val/psnr"] for r in resizes}
     prev = load_vae(args.previous)
     refs["previous base"] = evaluate_vae(eval_cfg, prev.config, prev.params, log=lambda m: None)["val/psnr"]
 
@@ -107,19 +111,16 @@ def main(argv=None) -> int:
     for src in ("photos", "painterly"):
         try:
             others += gather_images([src], render_size=512, log=print)[0]
-        except Exception as e:  # painterly is absent on a pip-only machine: say so, measure the rest
+        except EvalError as e:  # painterly is absent on a pip-only machine: say so, measure the rest
             print(f"record: {src} not measured: {e}")
     vaes = [VAEReconstructor.load(str(export), "base"), VAEReconstructor.load(args.previous, "previous base"),
-            ResizeReconstructor.parse("bicubic:8"), ResizeReconstructor.parse("bicubic:4")]
+            *resizes]
     result = evaluate(vaes, flat + others, [128], lpips_net="alexnet", keep_recs=False, log=print)
     summ = result.summary(["psnr", "lpips", "err_hf_share@0.25_L"])
     eval128 = {v: {g: {k: _est(e) for k, e in ks.items()} for g, ks in summ[v][128].items()} for v in result.vaes}
-    gap = stats.paired_difference(
-        np.array([r["psnr"] for r in result.select("base", 128, "flat art")]),
-        np.array([r["psnr"] for r in result.select("bicubic×8", 128, "flat art")]))
-    first = [im.name for im in flat[:PER_IMAGE]]
-    per_image = {n: {v: next(r["psnr"] for r in result.select(v, 128, "flat art") if r["image"] == n)
-                     for v in ("base", "bicubic×8")} for n in first}
+    gap = result.paired("bicubic×8", "base", ["psnr"])[128]["flat art"]["psnr"]
+    psnr_of = {v: {r["image"]: r["psnr"] for r in result.select(v, 128, "flat art")} for v in ("base", "bicubic×8")}
+    per_image = {im.name: {v: psnr_of[v][im.name] for v in psnr_of} for im in flat[:PER_IMAGE]}
 
     record = {
         "what": (f"{cfg.model} VAE (SD-shaped, f=8, 4 latent channels) pretrained from random init with the LDM "
@@ -132,12 +133,11 @@ def main(argv=None) -> int:
         "steps": final["step"],
         "final": final["final"],
         "config": json.loads((run / "config.json").read_text()),
-        "prepared": str(args.prepared or ""),
+        "prepared": str(prepared),
         "curve": curve,
-        "curve_references": {k: (v if np.isfinite(v) else None) for k, v in refs.items()},
-        "curve_references_note": ("mean PSNR over the run's 64² validation crops; null where a constant crop is "
-                                  "reproduced exactly (PSNR inf), so the mean is infinite: the 128² numbers "
-                                  "(eval128) are the comparison with the references"),
+        "curve_references": refs,
+        "curve_references_note": ("mean PSNR over the run's 64² validation crops, each image's capped at the "
+                                  f"8-bit quantisation limit ({PSNR_8BIT_CAP:.1f} dB), as the run's own val/psnr is"),
         "eval128": eval128,
         "eval128_images": {g: len(result.select("base", 128, g)) for g in result.subsets()},
         "base_minus_bicubic8_flat_db": _est(gap),
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
     ax.plot([c["step"] for c in curve], [c["val/psnr"] for c in curve], "o-", label="base (raw weights)")
     ax.plot([c["step"] for c in curve], [c["val_ema/psnr"] for c in curve], "s-", label="base (EMA)")
     for (name, v), style in zip(refs.items(), ("--", ":", "-.")):
-        if not np.isfinite(v):  # a constant validation crop is reproduced exactly by a resize: mean PSNR inf
-            continue
-        ax.axhline(v, ls=style, color="k", lw=1, label=f"{name.replace('bicubic:', 'bicubic×')}: {v:.2f} dB")
+        ax.axhline(v, ls=style, color="k", lw=1, label=f"{name}: {v:.2f} dB")
     ax.axvspan(cfg.recipe.disc_start, cfg.steps, color="0.9", label="adversarial phase")
     ax.set(xlabel="step", ylabel="PSNR (dB)", title=f"validation PSNR, {cfg.data.crop}² crops of the run's val split")
     ax.legend(fontsize=8)
@@ -170,13 +168,10 @@ def main(argv=None) -> int:
         for f in ("config.json", "diffusion_pytorch_model.safetensors"):
             shutil.copy2(export / f, tmp / f)
         (tmp / "RECORD.json").write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from fvae_core.plotting import save_figure
     save_figure(fig, "03_base_learning_curve", ROOT / "figures")
     b, p, b8, b4 = (eval128[v]["flat art"]["psnr"]["mean"] for v in ("base", "previous base", "bicubic×8", "bicubic×4"))
     print(f"{out}: OpenMoji val at 128² (n={record['eval128_images']['flat art']}): base {b:.2f} dB, previous base "
