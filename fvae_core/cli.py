@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", help="train or finetune a VAE (a run directory with checkpoints and export)")
-    p.add_argument("--config", help="preset: smoke, tiny-cpu, tiny-cpu-finetune, sd-vae-ft-mse, "
-                                    "sd-vae-ft-mse/<ablation>")
+    p.add_argument("--config", help="preset: smoke, tiny-cpu, tiny-cpu-finetune, small-cpu, small-cpu-finetune, "
+                                    "sd-vae-ft-mse, sd-vae-ft-mse/<ablation>")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, dotted (recipe.lr=1e-5, data.crop=128, steps=500); repeatable")
     p.add_argument("--run-dir", help="new (or empty) run directory")

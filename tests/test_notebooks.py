@@ -54,7 +54,7 @@ def test_suite_executes_in_smoke_mode(tmp_path):
     # Smoke mode trains every finetune the full suite trains (the no-gan one once could not checkpoint).
     finished = sorted(json.loads((d / "config.json").read_text())["name"] for d in runs.iterdir()
                       if (d / "final.json").is_file() and json.loads((d / "config.json").read_text())["init"])
-    assert finished == sorted(f"tiny-cpu-finetune{'' if a == 'card' else '/' + a}/smoke" for a in suite.ABLATIONS), finished
+    assert finished == sorted(f"{suite.FINETUNE}{'' if a == 'card' else '/' + a}/smoke" for a in suite.ABLATIONS), finished
     claims_md = (figs / "claims.md").read_text()
     assert "| claim |" in claims_md and "SMOKE mode" in claims_md and claims_md.count("**C") == 7
     assert sorted(p.name for p in (ROOT / "figures").iterdir()) == before  # tests never write into figures/

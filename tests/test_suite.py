@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_config_key_ignores_the_name_and_tracks_what_is_computed(tmp_path):
-    cfg = dataclasses.replace(preset("tiny-cpu-finetune"), init=str(ROOT / "weights" / "tiny-cpu"))
+    cfg = dataclasses.replace(preset(suite.FINETUNE), init=str(ROOT / "weights" / suite.BASE))
     key = cache.config_key(cfg)
     assert cache.config_key(dataclasses.replace(cfg, name="renamed")) == key
-    assert cache.config_key(dataclasses.replace(cfg, steps=301)) != key
+    assert cache.config_key(dataclasses.replace(cfg, steps=cfg.steps + 1)) != key
     assert cache.config_key(cache.ablation(cfg, "mse-only")) != key
     # The same weights elsewhere give the same key; changed weight bytes give a new one.
     copy = tmp_path / "w"
-    shutil.copytree(ROOT / "weights" / "tiny-cpu", copy)
+    shutil.copytree(ROOT / "weights" / suite.BASE, copy)
     assert cache.config_key(dataclasses.replace(cfg, init=str(copy))) == key
     st = next(copy.rglob("*.safetensors"))
     data = bytearray(st.read_bytes())
@@ -32,7 +32,7 @@ def test_config_key_ignores_the_name_and_tracks_what_is_computed(tmp_path):
 
 
 def test_ablations_change_one_recipe_field_each():
-    cfg = preset("tiny-cpu-finetune")
+    cfg = preset(suite.FINETUNE)
     assert cache.ablation(cfg, "card") is cfg
     for name, change in ABLATIONS.items():
         a = cache.ablation(cfg, name)
@@ -43,7 +43,7 @@ def test_ablations_change_one_recipe_field_each():
 
 
 def test_smoke_variant_keeps_the_recipe_and_shrinks_the_run():
-    cfg = preset("tiny-cpu-finetune")
+    cfg = preset(suite.FINETUNE)
     s = smoke_variant(cfg)
     assert (s.steps, s.batch_size, s.data.crop) == (3, 2, 32) and s.recipe.disc_start == 0
     for f in ("loss_space", "gan", "critic_norm", "lpips_weight", "w_mae", "w_mse", "ema_decay"):
@@ -59,3 +59,15 @@ def test_settings_resolve_environment_then_defaults(tmp_path, monkeypatch):
     assert not suite.settings(smoke=False, run_root=tmp_path / "r").smoke  # the parameter wins
     monkeypatch.setenv("FVAE_SMOKE", "0")
     assert suite.settings(run_root=tmp_path / "r").smoke is False
+
+
+def test_cached_runs_reports_a_failed_child_with_its_reason(tmp_path, monkeypatch):
+    """Runs trained in child processes: a child that fails (here: its init weights are gone) raises one error
+    naming the run and the child's own last line, and leaves its log; nothing is reported finished."""
+    monkeypatch.setenv("FVAE_CACHE", str(tmp_path / "cache"))
+    cfg = smoke_variant(dataclasses.replace(preset(suite.FINETUNE), init=str(tmp_path / "no-such-weights")))
+    cfgs = [cfg, dataclasses.replace(cfg, seed=1)]
+    with pytest.raises(RuntimeError, match=r"small-cpu-finetune/smoke: .*no-such-weights.* \(see .*\.log\)"):
+        cache.cached_runs(cfgs, tmp_path / "runs", workers=2, log=lambda m: None)
+    assert len(list((tmp_path / "runs").glob("*.log"))) == 2
+    assert not any(cache.is_finished(cache.run_dir_for(c, tmp_path / "runs")) for c in cfgs)

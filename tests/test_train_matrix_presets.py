@@ -22,7 +22,7 @@ def inits(tmp_path_factory):
 
 @pytest.mark.parametrize("name", M.preset_names())
 def test_preset_checkpoints_resumes_and_exports(inits, name, capsys):
-    cfg = M.shrink(preset(name), inits["micro"] if name == "tiny-cpu-finetune" else inits["sd"])
+    cfg = M.shrink(preset(name), inits["micro"] if name.endswith("-cpu-finetune") else inits["sd"])
     M.run_case(cfg, inits["root"] / "runs" / name.replace("/", "__"))
     if name == "sd-vae-ft-mse/no-gan":
         _no_gan_from_the_command_line(inits["root"] / "cli-no-gan", name, cfg, capsys)
@@ -54,6 +54,6 @@ def _no_gan_from_the_command_line(run, name, cfg, capsys):
 def test_presets_are_all_in_the_matrix():
     """A preset added later is trained by the parametrised test above (it reads PRESETS itself)."""
     names = M.preset_names()
-    assert {"smoke", "tiny-cpu", "tiny-cpu-finetune", "sd-vae-ft-mse"} <= set(names)
+    assert {"smoke", "tiny-cpu", "tiny-cpu-finetune", "small-cpu", "small-cpu-finetune", "sd-vae-ft-mse"} <= set(names)
     assert all(f"sd-vae-ft-mse/{a}" in names for a in ("no-gan", "hinge-gan", "mae-only", "mse-only", "srgb-loss"))
     assert preset("sd-vae-ft-mse/no-gan").recipe.gan == "none"

@@ -2,7 +2,7 @@
 
 If a finished run (``final.json`` present) with the same resolved config exists under ``root`` it is
 reused; an unfinished one is resumed exactly (:func:`fvae_core.runs.train.resume`); otherwise the run
-is trained. The key is the SHA-256 of the config's canonical JSON (the ``name`` excluded, so renaming
+is trained. :func:`cached_runs` trains several configs at once in child processes. The key is the SHA-256 of the config's canonical JSON (the ``name`` excluded, so renaming
 does not retrain) plus the content hash of local init weights (so retrained base weights do retrain
 the finetunes). This is what lets ``make demo`` finish in minutes the second time.
 """
@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from fvae_core.runs.config import ABLATIONS, ConfigError, RunConfig, to_dict
+from fvae_core.runs.config import ABLATIONS, ConfigError, RunConfig, load_config, to_dict
 
 
 def _weights_fingerprint(init: str | None) -> str | None:
@@ -68,6 +72,54 @@ def cached_run(cfg: RunConfig, root, *, progress: bool = True, log: Callable = p
     return run_dir
 
 
+def cached_runs(cfgs: Sequence[RunConfig], root, *, workers: int = 2, log: Callable = print) -> list[Path]:
+    """:func:`cached_run` of every config, the unfinished ones ``workers`` at a time, each in its own child
+    process (``python -m fvae_core.runs.cache``, its output in ``<root>/<run>.log``).
+
+    Measured on 2 CPU cores (small-cpu-finetune): one run keeps about 1.1 cores busy (0.92 s a step); two
+    at once make 1.4x the steps per second together (1.22 and 1.41 s a step), and one compiles its steps
+    (a single-threaded ~100 s per phase) while the other trains. The data each config needs is prepared
+    here first, once, so the children never race to prepare it. A child that fails raises
+    :class:`RuntimeError` with the last line of its log; its run directory is kept and resumes next time."""
+    root = Path(root)
+    todo = [c for c in cfgs if not is_finished(run_dir_for(c, root))]
+    if workers > 1 and len(todo) > 1:
+        from fvae_core.runs.train import resolve_data
+
+        for cfg in {json.dumps(to_dict(c.data), sort_keys=True): c for c in todo}.values():
+            resolve_data(cfg, log)
+        _train_children(todo, root, workers, log)
+    return [cached_run(c, root, progress=False, log=log) for c in cfgs]
+
+
+def _train_children(cfgs: Sequence[RunConfig], root: Path, workers: int, log: Callable) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    queue, running, failed, t0 = list(cfgs), {}, [], time.perf_counter()
+    log(f"training {len(cfgs)} runs, {workers} at a time, in child processes (logs: {root}/<run>.log)")
+    while queue or running:
+        while queue and len(running) < workers:
+            cfg = queue.pop(0)
+            run_dir = run_dir_for(cfg, root)
+            spec, out = run_dir.with_name(f".{run_dir.name}.config.json"), run_dir.with_suffix(".log")
+            spec.write_text(json.dumps(to_dict(cfg)))
+            with open(out, "w") as fh:
+                proc = subprocess.Popen([sys.executable, "-m", "fvae_core.runs.cache", str(spec), str(root)],
+                                        stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+            running[proc] = (cfg, out, spec, time.perf_counter())
+        time.sleep(1.0)
+        for proc in [p for p in running if p.poll() is not None]:
+            cfg, out, spec, t = running.pop(proc)
+            spec.unlink(missing_ok=True)
+            if proc.returncode == 0:
+                log(f"{cfg.name}: finished in {time.perf_counter() - t:.0f} s "
+                    f"({len(cfgs) - len(queue) - len(running)}/{len(cfgs)}, {time.perf_counter() - t0:.0f} s in all)")
+            else:
+                lines = [x for x in out.read_text(errors="replace").splitlines() if x.strip()]
+                failed.append(f"{cfg.name}: {lines[-1] if lines else f'exit status {proc.returncode}'} (see {out})")
+    if failed:
+        raise RuntimeError("; ".join(failed))
+
+
 def ablation(cfg: RunConfig, name: str) -> RunConfig:
     """``cfg`` with one of the card's ablations (:data:`ABLATIONS`) applied to its recipe."""
     if name == "card":
@@ -82,3 +134,22 @@ def read_metrics(run_dir) -> list[dict]:
     """The rows of a run's ``metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv=None) -> int:
+    """``python -m fvae_core.runs.cache CONFIG_JSON ROOT``: :func:`cached_run` of one config (a child of
+    :func:`cached_runs`)."""
+    from fvae_core.runs.train import NonFiniteHalt
+
+    spec, root = argv if argv is not None else sys.argv[1:]
+    try:
+        run_dir = cached_run(load_config(spec), root, progress=False)
+    except (ConfigError, NonFiniteHalt, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"finished: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

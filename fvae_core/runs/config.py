@@ -16,9 +16,10 @@ Presets (:data:`PRESETS`), each a small override of the defaults:
     an SD-shaped autoencoder (f=8, 4 latent channels, ``tiny-sd``) pretrained from scratch with the
     LDM recipe on the bundled OpenMoji + photos, then decoder-finetuned with the card's recipe from
     those weights, in minutes on 2 CPU cores.
-``small-cpu``
+``small-cpu`` / ``small-cpu-finetune``
     the committed base in the card's regime: ``small-sd`` (f=8, 4 latent channels, 6.8 M parameters),
-    the same LDM pretrain recipe and data, 4,000 steps (about two hours on 2 CPU cores).
+    the same LDM pretrain recipe and data, 4,000 steps (about two hours on 2 CPU cores); and the card's
+    decoder recipe from ``weights/small-cpu``, what the notebook suite trains.
 ``sd-vae-ft-mse``
     the card's run: init ``stabilityai/sd-vae-ft-mse``, 256 px crops, batch 32, 150k steps, EMA,
     bf16 compute; meant for a GPU.
@@ -278,6 +279,14 @@ PRESETS: dict[str, RunConfig] = {
                             ema_decay=0.99),  # the card's batch-scaled 0.99996 averages ~24k steps: too slow for 300
         data=_TINY_DATA, batch_size=8, steps=300, log_every=25, eval_every=150, eval_batches=4,
         sample_every=150, ckpt_every=150),
+    # The suite's finetune (issue 27): the card's recipe from the committed base in the regime. Steps from
+    # measured effect-vs-steps curves (README, "Choosing the finetune length"); schedule and GAN scale with them.
+    "small-cpu-finetune": RunConfig(
+        name="small-cpu-finetune", init="weights/small-cpu", lpips_net="alexnet",
+        recipe=RecipeConfig(lr=1e-4, critic_lr=1e-4, warmup_steps=20, critic_start=0, disc_start=100,
+                            critic_ndf=32, mae_schedule_steps=300, ema_decay=0.99),
+        data=_TINY_DATA, batch_size=8, steps=300, log_every=25, eval_every=300, eval_batches=4,
+        sample_every=300, ckpt_every=150),
     "sd-vae-ft-mse": _CARD,
 }
 
