@@ -176,6 +176,98 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_latents_train(args) -> int:
+    import dataclasses
+    import json
+
+    from fvae_core.latents import train as lt
+    from fvae_core.runs.config import ConfigError as RunConfigError
+    from fvae_core.runs.config import apply_overrides, from_dict
+
+    log = (lambda m: None) if args.quiet else (lambda m: print(f"fvae: {m}", file=sys.stderr))
+    try:
+        if args.resume:
+            if args.config or args.set or args.run_dir or args.vae or args.data:
+                raise UsageError("--resume takes only the run directory (its config.json is reused)")
+            try:
+                d = json.loads((Path(args.resume) / "config.json").read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{args.resume}: not a latent run directory ({e})") from e
+            cfg, run_dir = from_dict(lt.LatentRunConfig, d), args.resume
+        else:
+            if not args.run_dir:
+                raise UsageError("give --run-dir DIR (and optionally --config, --vae, --data), or --resume DIR")
+            name = args.config or "latent-flow"
+            if name not in lt.PRESETS:
+                raise UsageError(f"unknown latent preset {name!r}; choose from {', '.join(lt.PRESETS)}")
+            cfg = lt.PRESETS[name]
+            if args.vae:
+                cfg = dataclasses.replace(cfg, vae=args.vae)
+            if args.data:
+                prepared = len(args.data) == 1 and (Path(args.data[0]) / "dataset.json").is_file()
+                data = (dataclasses.replace(cfg.data, prepared=args.data[0]) if prepared
+                        else dataclasses.replace(cfg.data, prepared=None, sources=tuple(args.data)))
+                cfg = dataclasses.replace(cfg, data=data)
+            cfg = apply_overrides(cfg, args.set or [])
+            run_dir = args.run_dir
+        model = lt.train(cfg, run_dir, resume=bool(args.resume), log=log)
+    except RunConfigError as e:
+        raise UsageError(str(e)) from e
+    print(f"latent model written to {model}")
+    return 0
+
+
+def cmd_latents_sample(args) -> int:
+    import re
+
+    import numpy as np
+
+    from fvae_core.data.prepare import move_into_place
+    from fvae_core.images import save_png
+    from fvae_core.latents.train import load_model
+    from fvae_core.reconstruct import decode_latents
+    from fvae_core.runs.config import ConfigError as RunConfigError
+    from fvae_core.weights import load_vae
+
+    if args.n < 1 or (args.steps is not None and args.steps < 1):
+        raise UsageError("--n and --steps must be >= 1")
+    try:
+        model = load_model(args.model)
+    except RunConfigError as e:
+        raise UsageError(str(e)) from e
+    size = None
+    if args.size:
+        size = (args.size, args.size)
+        if args.size % model.config.multiple:
+            raise UsageError(f"--size {args.size} is not a multiple of {model.config.multiple}")
+    vaes = [(src, load_vae(src)) for src in args.vae or []]  # load every VAE before any work
+    for src, vae in vaes:
+        if vae.config.latent_channels != model.config.channels:
+            raise UsageError(f"{src}: {vae.config.latent_channels} latent channels, the model makes "
+                             f"{model.config.channels}")
+    z = model.sample(args.n, args.seed, steps=args.steps, method=args.sampler, size=size)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "latents.npy", z)
+    used = set()
+    for src, vae in vaes:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(src.rstrip("/")).name) or "vae"
+        while name in used:
+            name += "_"
+        used.add(name)
+        for i, img in enumerate(decode_latents(vae.config, vae.params, z)):
+            save_png(tmp / name / f"{i:04d}.png", img)
+    move_into_place(tmp, out)
+    print(f"wrote {args.n} latents {z.shape[1]}x{z.shape[2]}x{z.shape[3]} (seed {args.seed}) to {out / 'latents.npy'}"
+          + (f" and their decodes by {len(vaes)} VAE(s)" if vaes else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvae", description="Furception-style VAE decoder fine-tuning in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +326,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=cmd_train)
+
+    latents = sub.add_parser("latents", help="a small latent generative model: train it, sample latents"
+                             ).add_subparsers(dest="latents_command", required=True)
+    p = latents.add_parser("train", help="train a rectified-flow UNet on a VAE's latents (a run directory)")
+    p.add_argument("--config", help="preset: latent-flow (default), latent-smoke")
+    p.add_argument("--vae", help="the VAE whose latents are modelled (default: the preset's, weights/small-cpu)")
+    p.add_argument("--data", nargs="+", help="a prepared folder, or sources (openmoji, photos, folders)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, dotted (steps=2000, unet.widths=[32,64]); repeatable")
+    p.add_argument("--run-dir", help="new (or empty) run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no log lines")
+    p.set_defaults(func=cmd_latents_train)
+    p = latents.add_parser("sample", help="sample latents (deterministic for a seed), optionally decode them")
+    p.add_argument("--model", required=True, help="a latent model folder (a latent run's model/)")
+    p.add_argument("--n", type=int, default=16, help="number of latents")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--sampler", choices=("euler", "heun"), default=None, help="default: the model's")
+    p.add_argument("--size", type=int, default=None, help="latent side (default: the training size)")
+    p.add_argument("--vae", action="append", help="decode with this VAE too (repeatable): OUT/<name>/NNNN.png")
+    p.add_argument("--out", required=True, help="output folder: latents.npy (unscaled NHWC) and PNGs")
+    p.set_defaults(func=cmd_latents_sample)
 
     p = sub.add_parser("eval", help="measure VAEs on the same images: fidelity, colour, spectra, edges, with CIs")
     p.add_argument("--vae", action="append", required=True,

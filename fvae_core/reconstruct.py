@@ -55,6 +55,23 @@ def reconstruct_array(config: VAEConfig, params, rgb_u8: np.ndarray, *, mode: st
     return uint8_from_unit(y)
 
 
+@lru_cache(maxsize=8)
+def _decode_fn(config: VAEConfig, dtype_name: str):
+    model = AutoencoderKL(config, dtype=jnp.dtype(dtype_name))
+    return jax.jit(lambda params, z: model.apply({"params": params}, z, method=model.decode))
+
+
+def decode_latents(config: VAEConfig, params, z, *, batch: int = 16, dtype: str = "float32") -> np.ndarray:
+    """Unscaled NHWC latents (what ``encode`` gives and ``decode`` takes; e.g. a latent model's samples)
+    -> uint8 NHWC sRGB images, ``batch`` latents at a time."""
+    z = np.asarray(z, np.float32)
+    if z.ndim != 4 or z.shape[-1] != config.latent_channels:
+        raise ValueError(f"need NHWC latents with {config.latent_channels} channels, got shape {z.shape}")
+    run = _decode_fn(config, jnp.dtype(dtype).name)
+    out = [np.asarray(from_model_range(run(params, jnp.asarray(z[i:i + batch])))) for i in range(0, len(z), batch)]
+    return uint8_from_unit(np.concatenate(out))
+
+
 @dataclasses.dataclass
 class ReconstructReport:
     written: list[Path]

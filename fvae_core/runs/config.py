@@ -210,8 +210,9 @@ def _name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
-    """Apply ``key=value`` strings (dotted keys; values parsed as JSON, else taken as a string)."""
+def apply_overrides(cfg, overrides):
+    """Apply ``key=value`` strings (dotted keys; values parsed as JSON, else taken as a string) to a config
+    dataclass (a :class:`RunConfig`, or another run's, such as the latent model's)."""
     d = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
@@ -229,7 +230,7 @@ def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
         if parts[-1] not in node:
             raise ConfigError(f"--set {key}: unknown config key")
         node[parts[-1]] = value
-    return from_dict(RunConfig, d)
+    return from_dict(type(cfg), d)
 
 
 def load_config(path) -> RunConfig:
