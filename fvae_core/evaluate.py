@@ -397,8 +397,13 @@ class EvalResult:
 
 def evaluate(vaes: Sequence[Reconstructor], images: Sequence[EvalImage], resolutions: Sequence[int], *,
              lpips_net: str | None = "vgg16", batch_size: int = 4, keep_recs: bool = True,
-             progress: bool = False, log: Callable = print) -> EvalResult:
-    """Reconstruct every image at every resolution with every VAE and measure it (see module docstring)."""
+             progress: bool = False, log: Callable = print, threads: int = 2) -> EvalResult:
+    """Reconstruct every image at every resolution with every VAE and measure it (see module docstring).
+
+    ``threads`` VAEs reconstruct (and get their LPIPS) at once, in threads of this process: XLA:CPU keeps
+    about one core busy per call, and a jitted call releases the GIL, so two threads on 2 cores measured
+    1.7x the throughput of one (two small-cpu VAEs on 48 images at 128²: 8.8 instead of 14.8 s). The
+    results do not depend on it (each VAE's computation is the same)."""
     names = [v.name for v in vaes]
     if not vaes:
         raise EvalError("no VAE to evaluate")
@@ -426,17 +431,17 @@ def evaluate(vaes: Sequence[Reconstructor], images: Sequence[EvalImage], resolut
         refs = [_reference(x) for x in x01]
         timing["metrics_s"] += time.perf_counter() - t0
         recs = {}
-        for vae in vaes:
-            t0 = time.perf_counter()
-            rec = np.clip(np.asarray(vae(x01), np.float32), 0.0, 1.0)
-            timing["model_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outs = _map_threads(lambda vae: np.clip(np.asarray(vae(x01), np.float32), 0.0, 1.0), vaes, threads)
+        timing["model_s"] += time.perf_counter() - t0
+        for vae, rec in zip(vaes, outs):
             if rec.shape != x01.shape:
                 raise EvalError(f"{vae.name}: reconstruction shape {rec.shape} != input {x01.shape}")
             if not np.all(np.isfinite(rec)):
                 raise EvalError(f"{vae.name}: non-finite reconstruction at resolution {res}")
             recs[vae.name] = rec
         t0 = time.perf_counter()
-        lp_vals = _lpips_batched(lp, x01, recs, batch_size) if lp else {n: np.full(len(views), np.nan) for n in recs}
+        lp_vals = _lpips_batched(lp, x01, recs, batch_size, threads) if lp else {n: np.full(len(views), np.nan) for n in recs}
         timing["lpips_s"] += time.perf_counter() - t0
         for vae in vaes:
             t0 = time.perf_counter()
@@ -465,19 +470,35 @@ def evaluate(vaes: Sequence[Reconstructor], images: Sequence[EvalImage], resolut
                       views_all, recs_all)
 
 
-def _lpips_batched(lp, x01: np.ndarray, recs: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+def _map_threads(fn, items, threads: int) -> list:
+    """``[fn(x) for x in items]``, ``threads`` at a time (in order; an exception is raised as is)."""
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(items))) as ex:
+        return list(ex.map(fn, items))
+
+
+def _lpips_batched(lp, x01: np.ndarray, recs: dict[str, np.ndarray], batch_size: int,
+                   threads: int = 1) -> dict[str, np.ndarray]:
     """LPIPS of every reconstruction against the original; the original's features are computed once
-    per batch and shared by all VAEs (so a second VAE costs half as much)."""
+    per batch and shared by all VAEs (so a second VAE costs half as much); ``threads`` VAEs at a time."""
     from fvae_core.lpips import lpips_features, lpips_from_features
 
     out = {name: [] for name in recs}
     for i in range(0, len(x01), batch_size):
         fx = lpips_features(lp.params, x01[i:i + batch_size] * 2.0 - 1.0, net=lp.net,
                             winograd_kernels=lp.winograd_kernels)
-        for name, rec in recs.items():
+
+        def one(rec):
             fy = lpips_features(lp.params, rec[i:i + batch_size] * 2.0 - 1.0, net=lp.net,
                                 winograd_kernels=lp.winograd_kernels)
-            out[name].append(np.asarray(lpips_from_features(lp.params, fy, fx, net=lp.net), np.float64))
+            return np.asarray(lpips_from_features(lp.params, fy, fx, net=lp.net), np.float64)
+
+        for name, v in zip(recs, _map_threads(one, recs.values(), threads)):
+            out[name].append(v)
     return {name: np.concatenate(v) for name, v in out.items()}
 
 

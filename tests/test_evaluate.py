@@ -206,3 +206,17 @@ def test_bicubic_references_in_an_evaluation(images):
     p4 = {r["image"]: r["psnr"] for r in res.select("bicubic×4")}
     assert p8.keys() == p4.keys() and all(p4[k] > p8[k] for k in p8)
     assert res.paired("bicubic×8", "bicubic×4", ["psnr"], n_boot=200)[64]["all"]["psnr"].lo > 0
+
+
+def test_threaded_evaluation_equals_serial(images, result):
+    """VAEs reconstruct (and get LPIPS) two at a time in threads by default; the rows must not depend on it,
+    and each VAE's rows must stay its own (a swap of outputs between threads would show as Identity != 0)."""
+    serial = evaluate([Identity(), Blur()], images, [64, 128], lpips_net="alexnet", log=lambda *a: None, threads=1)
+    assert len(serial.rows) == len(result.rows)
+    for a, b in zip(serial.rows, result.rows):
+        assert a.keys() == b.keys()
+        for k in a:  # NaN where a metric is undefined (the identity's error spectrum), equal elsewhere
+            assert a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k])), (k, a, b)
+    for k in serial.spectra:
+        for name in ("rec", "err"):
+            np.testing.assert_array_equal(serial.spectra[k][name], result.spectra[k][name])

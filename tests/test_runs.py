@@ -130,9 +130,10 @@ def test_interrupt_and_resume_is_bitwise_identical(cache, straight, tmp_path, si
 
 
 def test_several_steps_per_call_match_one_per_call_and_resume_exactly(cache, straight, tmp_path):
-    """steps_per_call=2 on the smoke run (phases change at step 3, so calls of 2 and of 1 both run): every
+    """steps_per_call=2 on the smoke run (warm-up and adversarial steps are one program, gated by a traced
+    step, so the phase change at step 3 does not split the call of steps 2-3): every
     step logged once, the state close to the one-step-per-call run's (the convs take another gradient path
-    inside the scan: rounding only), and a run stopped at step 3 and resumed equal to the straight one bit
+    inside the scan: rounding only), and a run stopped at step 4 and resumed equal to the straight one bit
     for bit, export included."""
     from fvae_core.runs.train import resume, train
 
@@ -141,8 +142,10 @@ def test_several_steps_per_call_match_one_per_call_and_resume_exactly(cache, str
     quiet = {"progress": False, "log": lambda m: None}
     a, b = tmp_path / "k2", tmp_path / "k2-resumed"
     train(cfg, a, **quiet)
-    assert train(cfg, b, stop_at=3, **quiet).stopped == "limit"
-    assert max(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit()) == 3
+    # Stopped at a call's end (as a signal stops a run): a stop inside a call would run its steps as
+    # single steps after the resume, another program, equal to rounding only (as checked below).
+    assert train(cfg, b, stop_at=4, **quiet).stopped == "limit"
+    assert max(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit()) == 4
     resume(b, **quiet)
     rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss/total" in r] == list(range(1, 7))

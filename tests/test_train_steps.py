@@ -201,6 +201,32 @@ def test_gan_phases_train_the_critic_and_stay_finite(lp, batch):
     assert not all(np.array_equal(a, b) for a, b in zip(c_before, _leaves(state.critic_params)))
 
 
+def test_merged_gan_program_equals_the_separate_phases(lp, batch):
+    """``fvae train`` runs warm-up and adversarial steps as one program ("gan", gated by a traced
+    ``step >= disc_start``): each of its steps must equal the separate phase's step from the same state."""
+    recipe = dataclasses.replace(BASE, gan="wgan-gp", critic_start=0, disc_start=2)
+    tr = Trainer(recipe, CFG)
+    assert [tr.program_for_step(i) for i in range(3)] == ["gan"] * 3
+    assert Trainer(dataclasses.replace(recipe, critic_start=1), CFG).program_for_step(0) == "rec"
+    state = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+    merged = tr.step_fn("gan", lp)
+    for i in range(3):
+        copy = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)  # the steps donate the state
+        ref_state, ref = tr.step_fn(tr.phase_for_step(i), lp)(copy, batch, jax.random.PRNGKey(i))
+        state, m = merged(state, batch, jax.random.PRNGKey(i))
+        assert int(state.step) == int(ref_state.step) == i + 1
+        for k in ref:
+            np.testing.assert_allclose(float(m[k]), float(ref[k]), rtol=2e-5, atol=1e-6, err_msg=f"step {i} {k}")
+        if i < 2:  # warm-up: the generator saw no critic
+            assert float(m["adaptive_weight"]) == 0.0 and "adaptive_weight" not in ref
+        else:
+            assert float(m["adaptive_weight"]) > 0
+        for a, b in zip(_leaves((state.params, state.ema, state.critic_params)),
+                        _leaves((ref_state.params, ref_state.ema, ref_state.critic_params))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        state = ref_state  # both continue from the same state
+
+
 def test_bf16_step_is_finite_and_close_to_fp32(lp, batch):
     out = {}
     for dt in ["float32", "bfloat16"]:

@@ -340,7 +340,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         n = per_call
         last = step + n - 1
         if n == 1 or last >= cfg.steps or (stop_at is not None and last >= stop_at) \
-                or trainer.phase_for_step(last) != trainer.phase_for_step(step):
+                or trainer.program_for_step(last) != trainer.program_for_step(step):
             return 1
         if any((step + i) % e == 0 for i in range(1, n) for e in (cfg.eval_every, cfg.sample_every, cfg.ckpt_every)):
             return 1
@@ -451,7 +451,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         step = start
         while step < cfg.steps:
             n = call_length(step)
-            phase = trainer.phase_for_step(step)
+            phase = trainer.program_for_step(step)
             images = [np.asarray(next(it)["image"], np.float32) / 255.0 for _ in range(n)]
             # the same batches and keys as n calls of one step
             x = put_batch(images[0]) if n == 1 else put_batch(np.stack(images), stacked_sh)
