@@ -313,6 +313,79 @@ def assess(result, *, res_main: int | None = None, roles: dict | None = None, n_
     return out
 
 
+#: Latent kinds of the per-kind table (issue 28): what the decoders decode.
+KINDS_NOTE = ("encoded: the posterior mean of a real image (the numbers above); perturbed σ: that latent plus "
+              "Gaussian noise of σ times the latents' std, decoded and compared with the original image; "
+              "generated: a latent sampled by the latent flow model, with no original, so measured without "
+              "a reference")
+
+
+def assess_generated(measures: dict, sizes: Sequence[int], *, base: str = "base", card: str = "card",
+                     n_boot: int = 2000) -> list[Claim]:
+    """C1–C4 on *generated* latents, from reference-free measures
+    (:func:`fvae_core.reference_free.measure_decodes`): ``measures[size][vae][measure]`` per latent, for
+    decodes of ``size``² pixels (the first of ``sizes`` is the main one, the latent model's own size).
+
+    * C1: the decodes' high-band power (f > 1/4 cycle/px, dB against real images), card − base, paired by
+      latent: removing noise lowers it.
+    * C2: not measured: the latent model generates flat art only (it was trained on OpenMoji).
+    * C3: C1's per-latent effect at the smaller size minus at the larger (different latents: unpaired).
+    * C4: one-sided excess total variation beside edges (ringing) and flat-region noise, card − base.
+    Verdicts and δs as in :func:`assess`."""
+    kw = {"n_boot": n_boot}
+    main, out = sizes[0], []
+    m = measures[main]
+    d1 = m[card]["hf_db"] - m[base]["hf_db"]
+    est = stats.bootstrap_ci(d1, **kw)
+    v, n = _judge([(est, "negative", "hf_db")])
+    effects = {f"{s}²": stats.bootstrap_ci(measures[s][card]["hf_db"] - measures[s][base]["hf_db"], **kw) for s in sizes}
+    out.append(Claim("C1", CLAIMS["C1"], f"high-band power of the decodes (dB vs real images), card − base, at {main}²",
+                     "Without a reference the added noise is the power itself: a decoder that removes noise "
+                     "decodes the same latent with less top-band power.", est, "dB", v,
+                     f"n={len(d1)} generated latents", effects, _delta("hf_db", "dB"), n, DELTAS["hf_db"][0]))
+    out.append(_not_measured("C2", "—", "The latent model was trained on flat art only.", "dB",
+                             ["generated photos and paintings (the latent model makes flat art only)"]))
+    if len(sizes) > 1:
+        lo, hi = sorted(sizes)[0], sorted(sizes)[-1]
+        dlo = measures[lo][card]["hf_db"] - measures[lo][base]["hf_db"]
+        dhi = measures[hi][card]["hf_db"] - measures[hi][base]["hf_db"]
+        est3 = stats.unpaired_difference(dlo, dhi, **kw)
+        v3, n3 = _judge([(est3, "negative", "hf_db")])
+        out.append(Claim("C3", CLAIMS["C3"], f"C1's per-latent effect at {lo}² minus at {hi}² (different latents)",
+                         "A stronger effect at low resolution is a more negative change there.", est3, "dB", v3,
+                         f"n={len(dlo)} and {len(dhi)} latents", {**effects, f"{lo}² − {hi}²": est3},
+                         _delta("hf_db", "dB"), n3, DELTAS["hf_db"][0]))
+    else:
+        out.append(_not_measured("C3", "—", "needs two latent sizes", "dB", ["a second latent size"]))
+    ring = stats.bootstrap_ci(m[card]["edge_ringing"] - m[base]["edge_ringing"], **kw)
+    noise = stats.bootstrap_ci(m[card]["flat_noise"] - m[base]["flat_noise"], **kw)
+    v4, n4 = _judge([(ring, "negative", "oklab_l"), (noise, "negative", "oklab_l")])
+    out.append(Claim("C4", CLAIMS["C4"], f"excess total variation beside edges and flat-region noise (Immerkær), "
+                     f"card − base, at {main}², regions from the median of all decoders' decodes",
+                     "Ringing is variation beside an edge beyond its net step; smoothness is less noise where "
+                     "the image is flat.", ring, "Oklab L", v4, f"flat-region noise change {noise.fmt(4)}",
+                     {"ringing": ring, "flat noise": noise}, _delta("oklab_l", "Oklab L (both parts)"), n4,
+                     DELTAS["oklab_l"][0]))
+    return out
+
+
+def claims_by_kind_markdown(by_kind: dict[str, Sequence[Claim]], ids=("C1", "C2", "C3", "C4")) -> str:
+    """One row per claim, one column per latent kind: effect [95% CI] and verdict (``figures/claims_by_kind.md``)."""
+    kinds = list(by_kind)
+    lines = ["| claim | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for cid in ids:
+        cells = []
+        for k in kinds:
+            c = next((c for c in by_kind[k] if c.id == cid), None)
+            if c is None or c.effect is None or not np.isfinite(c.effect.value):
+                cells.append(f"{c.verdict if c else NOT_MEASURED}")
+                continue
+            digits = 4 if abs(c.effect.value) < 0.01 else 3
+            cells.append(f"{c.effect.fmt(digits)} {c.unit}: **{c.verdict}**")
+        lines.append(f"| **{cid}** {CLAIMS[cid]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + KINDS_NOTE + ".\n"
+
+
 def claims_markdown(claims: Sequence[Claim], context: str = "") -> str:
     """The claims table that the README includes (``figures/claims.md``)."""
     lines = ["| claim | metric | smallest effect of interest δ | measured effect [95% CI] | verdict |",

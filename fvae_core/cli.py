@@ -268,6 +268,20 @@ def cmd_latents_sample(args) -> int:
     return 0
 
 
+def cmd_latents_export(args) -> int:
+    from fvae_core.latents.train import convert_model
+    from fvae_core.runs.config import ConfigError as RunConfigError
+
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise UsageError("--out must differ from --model")
+    try:
+        out = convert_model(args.model, args.out, args.dtype)
+    except RunConfigError as e:
+        raise UsageError(str(e)) from e
+    print(f"latent model written to {out} ({args.dtype})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvae", description="Furception-style VAE decoder fine-tuning in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", action="append", help="decode with this VAE too (repeatable): OUT/<name>/NNNN.png")
     p.add_argument("--out", required=True, help="output folder: latents.npy (unscaled NHWC) and PNGs")
     p.set_defaults(func=cmd_latents_sample)
+    p = latents.add_parser("export", help="copy a latent model with its weights stored as fp16 or fp32")
+    p.add_argument("--model", required=True, help="a latent model folder")
+    p.add_argument("--out", required=True, help="the new model folder")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
+    p.set_defaults(func=cmd_latents_export)
 
     p = sub.add_parser("eval", help="measure VAEs on the same images: fidelity, colour, spectra, edges, with CIs")
     p.add_argument("--vae", action="append", required=True,

@@ -108,6 +108,37 @@ class VAEReconstructor:
 
 
 @dataclasses.dataclass
+class PerturbedReconstructor:
+    """A VAE decoding *perturbed* latents (issue 28): encode to the posterior mean, add Gaussian noise of std
+    ``sigma * latent_std``, decode, clip. The bridge between encoded latents (on the encoder's manifold) and
+    generated ones (near it, off it) that still has a reference image.
+
+    The noise is drawn from ``(seed, batch shape)`` alone, so every VAE evaluated on the same images gets the
+    same noise (paired comparisons), and each ``sigma`` scales the same draw (common random numbers)."""
+
+    vae: VAEReconstructor
+    sigma: float
+    latent_std: float
+    seed: int = 0
+    name: str = ""
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = f"{self.vae.name}@σ{self.sigma:g}"
+        if not (self.sigma >= 0 and self.latent_std > 0):
+            raise EvalError(f"{self.name}: need sigma >= 0 and latent_std > 0, got {self.sigma}, {self.latent_std}")
+
+    def __call__(self, batch01: np.ndarray) -> np.ndarray:
+        from fvae_core.reconstruct import decode_latents, encode_latents
+
+        v = self.vae
+        z = encode_latents(v.config, v.params, batch01, batch=v.batch_size)
+        noise = np.random.default_rng([self.seed, *z.shape]).standard_normal(z.shape, dtype=np.float32)
+        return decode_latents(v.config, v.params, z + np.float32(self.sigma * self.latent_std) * noise,
+                              batch=v.batch_size, uint8=False)
+
+
+@dataclasses.dataclass
 class ResizeReconstructor:
     """The no-learning reference: ``--vae bicubic:F`` downsizes by ``F`` (Pillow's Lanczos-3, antialiased)
     and upsizes back with Pillow's bicubic (Keys, a = -0.5), in float32 per channel (Pillow's "F" mode,

@@ -55,6 +55,25 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 4) -> np.ndarray
     return np.concatenate(out_rows, axis=0)
 
 
+def decode_grid(blocks: Mapping[int, Mapping[str, np.ndarray]], columns: int = 8, scale: float = 1.6):
+    """A figure of decodes: one block per latent size, one row per VAE (labelled), ``columns`` latents
+    (the same latents in every row of a block). ``blocks[size][vae]`` is ``(n, H, W, 3)`` in [0, 1]."""
+    n_rows = sum(len(b) for b in blocks.values())
+    widths = [next(iter(b.values())).shape[2] for b in blocks.values()]
+    fig = _new_figure((scale * columns * max(widths) / 64 + 1.2, scale * n_rows * 0.9 + 0.4))
+    axes = fig.subplots(n_rows, 1, squeeze=False)[:, 0]
+    i = 0
+    for size, by_vae in blocks.items():
+        for name, imgs in by_vae.items():
+            k = min(columns, len(imgs))
+            axes[i].imshow(image_grid([list(np.clip(imgs[:k], 0.0, 1.0))], pad=2), interpolation="nearest")
+            axes[i].set_xticks([])
+            axes[i].set_yticks([])
+            axes[i].set_ylabel(f"{name}\n{size}x{size}", rotation=0, ha="right", va="center", fontsize=8)
+            i += 1
+    return fig
+
+
 def strongest_edge_crop(L: np.ndarray, size: int) -> tuple[int, int]:
     """Top-left ``(y, x)`` of the ``size``×``size`` window (clipped to the image) of ``L`` with the
     largest summed gradient magnitude. Window sums come from a summed-area table, O(H·W)."""

@@ -61,15 +61,35 @@ def _decode_fn(config: VAEConfig, dtype_name: str):
     return jax.jit(lambda params, z: model.apply({"params": params}, z, method=model.decode))
 
 
-def decode_latents(config: VAEConfig, params, z, *, batch: int = 16, dtype: str = "float32") -> np.ndarray:
+def decode_latents(config: VAEConfig, params, z, *, batch: int = 16, dtype: str = "float32",
+                   uint8: bool = True) -> np.ndarray:
     """Unscaled NHWC latents (what ``encode`` gives and ``decode`` takes; e.g. a latent model's samples)
-    -> uint8 NHWC sRGB images, ``batch`` latents at a time."""
+    -> uint8 NHWC sRGB images (``uint8=False``: float32 in [0, 1], unquantised), ``batch`` latents at a time."""
     z = np.asarray(z, np.float32)
     if z.ndim != 4 or z.shape[-1] != config.latent_channels:
         raise ValueError(f"need NHWC latents with {config.latent_channels} channels, got shape {z.shape}")
     run = _decode_fn(config, jnp.dtype(dtype).name)
     out = [np.asarray(from_model_range(run(params, jnp.asarray(z[i:i + batch])))) for i in range(0, len(z), batch)]
-    return uint8_from_unit(np.concatenate(out))
+    y = np.concatenate(out)
+    return uint8_from_unit(y) if uint8 else np.clip(y, 0.0, 1.0).astype(np.float32)
+
+
+@lru_cache(maxsize=8)
+def _encode_mean_fn(config: VAEConfig, dtype_name: str):
+    model = AutoencoderKL(config, dtype=jnp.dtype(dtype_name))
+    return jax.jit(lambda params, x: model.apply({"params": params}, x, method=model.encode).mode())
+
+
+def encode_latents(config: VAEConfig, params, x01, *, batch: int = 16, dtype: str = "float32") -> np.ndarray:
+    """Float NHWC images in [0, 1] (sides a multiple of the downsampling factor) -> the posterior means,
+    unscaled NHWC float32 latents, ``batch`` images at a time."""
+    x = np.asarray(x01, np.float32)
+    f = config.downsample_factor
+    if x.ndim != 4 or x.shape[1] % f or x.shape[2] % f:
+        raise ValueError(f"need NHWC images with sides a multiple of {f}, got shape {x.shape}")
+    run = _encode_mean_fn(config, jnp.dtype(dtype).name)
+    return np.concatenate([np.asarray(run(params, jnp.asarray(to_model_range(x[i:i + batch]))))
+                           for i in range(0, len(x), batch)])
 
 
 @dataclasses.dataclass

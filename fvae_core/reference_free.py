@@ -155,3 +155,35 @@ def edge_ringing(L, structure=None, sigma: float = 2.0) -> float:
         out.append(excess[n >= 3])
     out = np.concatenate(out)
     return float(np.mean(out)) if len(out) else float("nan")
+
+
+#: The per-decode measures of :func:`measure_decodes`.
+MEASURES = ("hf_db", "flat_noise", "edge_ringing")
+
+
+def measure_decodes(decodes: dict, references01) -> dict[str, dict[str, np.ndarray]]:
+    """Reference-free measures of several decoders' decodes of the *same* latents:
+    ``{vae: {"hf_db", "flat_noise", "edge_ringing": (n,)}}``.
+
+    ``decodes`` maps a VAE name to its ``(n, H, W, 3)`` decodes in [0, 1], latent ``i`` at index ``i`` for
+    every VAE. ``hf_db`` is the top band of :func:`band_power_db` against ``references01`` (real images of
+    the same size). The structure image of latent ``i`` (where the flat regions and edges are) is the
+    pixelwise median of all decoders' lightness, so every decoder is measured on the same regions and none
+    hides its own noise by making its regions smaller."""
+    from fvae_core.metrics import oklab_np
+
+    names = list(decodes)
+    if not names:
+        raise ValueError("measure_decodes: no decodes")
+    shapes = {np.shape(decodes[n]) for n in names}
+    if len(shapes) != 1:
+        raise ValueError(f"measure_decodes: every VAE must decode the same latents, got shapes {sorted(shapes)}")
+    L = {n: np.stack([oklab_np(np.asarray(x, np.float64))[..., 0] for x in decodes[n]]) for n in names}
+    refs = np.stack([oklab_np(np.asarray(x, np.float64))[..., 0] for x in references01])
+    structure = np.median(np.stack([L[n] for n in names]), axis=0)
+    out = {}
+    for n in names:
+        out[n] = {"hf_db": band_power_db(L[n], refs)[:, -1],
+                  "flat_noise": np.array([flat_noise(x, s) for x, s in zip(L[n], structure)]),
+                  "edge_ringing": np.array([edge_ringing(x, s) for x, s in zip(L[n], structure)])}
+    return out

@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 NOTEBOOKS = ("01_data_prep", "02_recipe", "03_training", "04_loss_ablations", "05_frequency_analysis",
-             "06_model_card_claims")
+             "06_model_card_claims", "07_generated_latents")
 
 
 def project_root() -> Path:
@@ -216,6 +218,89 @@ def suite_results(s: Settings, pretrain: bool = False, log: Callable = print):
     base = base_weights(s, pretrain, log=log)
     runs = finetune_runs(s, base, log=log)
     return base, runs, suite_evaluation(s, base, runs, log=log)
+
+
+# ---- notebook 07: what a diffusion model would hand the decoders -----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LatentPlan:
+    sizes: tuple[tuple[int, int], ...]  # (latent side, how many latents): the first is the model's own size
+    sigmas: tuple[float, ...]  # perturbed latents: noise std in units of the latents' std
+    perturbed_limit: int  # images per source for the perturbed evaluations
+    sampler_steps: int | None  # None: the model's own (30 Heun steps)
+
+
+#: 8² latents are the latent model's training size (64² decodes); 16² (128² decodes) is the second size C3
+#: needs. Perturbed latents: the card's regime is decoders fed latents near but off the encoder's manifold.
+LATENT_FULL = LatentPlan(((8, 128), (16, 48)), (0.1, 0.25, 0.5), 50, None)
+LATENT_SMOKE = LatentPlan(((8, 4), (16, 2)), (0.25,), 3, 4)
+#: The committed latent model (weights/record_latent.py): a rectified-flow UNet on weights/small-cpu's latents.
+LATENT_MODEL = "latent-flow"
+
+
+def latent_model(s: Settings):
+    from fvae_core.latents.train import load_model
+
+    return load_model(s.root / "weights" / LATENT_MODEL)
+
+
+def _vaes(base: Path, runs: dict[str, Path]) -> dict:
+    from fvae_core.evaluate import VAEReconstructor
+
+    return {"base": VAEReconstructor.load(str(base), "base"),
+            **{n: VAEReconstructor.load(str(r / "export" / "diffusers"), n) for n, r in runs.items()}}
+
+
+def generated_decodes(s: Settings, base: Path, runs: dict[str, Path], log: Callable = print) -> dict:
+    """``{latent side: {"latents": z, "decodes": {vae: (n, H, W, 3) in [0, 1]}}}``: latents sampled by the
+    committed latent model (seed ``s.seed + side``), each decoded by the base and by every finetune."""
+    from fvae_core.reconstruct import decode_latents
+
+    plan, model, vaes = LATENT_SMOKE if s.smoke else LATENT_FULL, latent_model(s), _vaes(base, runs)
+    out = {}
+    for side, n in plan.sizes:
+        t0 = time.perf_counter()
+        z = model.sample(n, s.seed + side, steps=plan.sampler_steps, size=(side, side))
+        dec = {name: decode_latents(v.config, v.params, z, uint8=False) for name, v in vaes.items()}
+        out[side] = {"latents": z, "decodes": dec}
+        log(f"generated {n} latents {side}x{side}x{z.shape[-1]}, decoded by {len(dec)} VAEs in "
+            f"{time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def generated_measures(s: Settings, generated: dict, log: Callable = print) -> dict:
+    """Reference-free measures (:func:`fvae_core.reference_free.measure_decodes`) of every decoder's decodes,
+    per decode size (pixels), against the evaluation's OpenMoji images (:data:`EVAL_FULL`) at that size."""
+    from fvae_core.evaluate import gather_images, views_at
+    from fvae_core.reference_free import measure_decodes
+
+    images, _ = gather_images(["openmoji"], limit=(EVAL_SMOKE if s.smoke else EVAL_FULL).limit, log=log)
+    out = {}
+    for side, g in generated.items():
+        dec = g["decodes"]
+        px = next(iter(dec.values())).shape[1]
+        refs, _ = views_at(images, px)
+        out[px] = measure_decodes(dec, np.stack([v.rgb for v in refs]).astype(np.float32) / 255.0)
+    return out
+
+
+def perturbed_evaluations(s: Settings, base: Path, runs: dict[str, Path], log: Callable = print) -> dict:
+    """``{sigma: EvalResult}``: the base and the card finetune decoding the encoded evaluation images plus
+    Gaussian noise of ``sigma`` times the latent std (1 / the latent model's measured scaling factor), with
+    the same noise for both (:class:`fvae_core.evaluate.PerturbedReconstructor`); no LPIPS (C1–C4 do not use
+    it)."""
+    from fvae_core.evaluate import PerturbedReconstructor, evaluate, gather_images
+
+    plan, eplan = (LATENT_SMOKE, EVAL_SMOKE) if s.smoke else (LATENT_FULL, EVAL_FULL)
+    std = 1.0 / latent_model(s).scaling_factor
+    vaes = _vaes(base, {"card": runs["card"]})
+    images, _ = gather_images(eval_sources(eplan, log), limit=plan.perturbed_limit, log=log)
+    out = {}
+    for sigma in plan.sigmas:
+        t0 = time.perf_counter()
+        recons = [PerturbedReconstructor(v, sigma, std, seed=s.seed, name=n) for n, v in vaes.items()]
+        out[sigma] = evaluate(recons, images, list(eplan.resolutions), lpips_net=None, log=log)
+        log(f"perturbed σ={sigma:g}: {len(images)} images at {list(eplan.resolutions)} in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
 def main(argv=None) -> int:

@@ -188,3 +188,39 @@ def test_c2_with_a_painterly_subset_needs_both_contrasts():
     c2 = _by_id(claims.assess(rows(True), res_main=128, n_boot=500))["C2"]
     assert c2.verdict == claims.NO_EFFECT, c2.effects
     assert c2.effects["flat − photos"].hi < 0 and abs(c2.effects["flat − painterly"].value) < 0.1
+
+
+def _generated(effect_small, effect_large, ring, noise, n=64, seed=0):
+    """Synthetic reference-free measures: card = base + a known effect (+ small per-latent noise)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for px, eff in ((64, effect_small), (128, effect_large)):
+        base = {"hf_db": rng.normal(0, 1, n), "flat_noise": rng.uniform(0.01, 0.02, n),
+                "edge_ringing": rng.uniform(0.05, 0.1, n)}
+        card = {"hf_db": base["hf_db"] + eff + rng.normal(0, 0.05, n),
+                "flat_noise": base["flat_noise"] + noise + rng.normal(0, 1e-4, n),
+                "edge_ringing": base["edge_ringing"] + ring + rng.normal(0, 1e-4, n)}
+        out[px] = {"base": base, "card": card}
+    return out
+
+
+def test_generated_claims_follow_known_effects():
+    found = {c.id: c for c in claims.assess_generated(_generated(-1.0, -0.3, -0.01, -0.005), [64, 128])}
+    assert found["C1"].verdict == claims.SUPPORTED and found["C1"].effect.value == pytest.approx(-1.0, abs=0.05)
+    assert found["C2"].verdict == claims.NOT_MEASURED and "flat art only" in found["C2"].detail
+    assert found["C3"].verdict == claims.SUPPORTED and found["C3"].effect.value == pytest.approx(-0.7, abs=0.05)
+    assert found["C4"].verdict == claims.SUPPORTED
+    rev = {c.id: c for c in claims.assess_generated(_generated(1.0, 0.3, 0.01, 0.005), [64, 128])}
+    assert [rev[k].verdict for k in ("C1", "C3", "C4")] == [claims.CONTRADICTED] * 3
+    none = {c.id: c for c in claims.assess_generated(_generated(0.0, 0.0, 0.0, 0.0), [64, 128])}
+    assert none["C1"].verdict == claims.NO_EFFECT and none["C4"].verdict == claims.NO_EFFECT
+    one = {c.id: c for c in claims.assess_generated({64: _generated(-1, -1, 0, 0)[64]}, [64])}
+    assert one["C3"].verdict == claims.NOT_MEASURED
+
+
+def test_claims_by_kind_table():
+    gen = claims.assess_generated(_generated(-1.0, -0.3, -0.01, -0.005), [64, 128])
+    md = claims.claims_by_kind_markdown({"encoded": gen, "generated": gen})
+    lines = md.splitlines()
+    assert lines[0] == "| claim | encoded | generated |" and len([x for x in lines if x.startswith("| **C")]) == 4
+    assert "**supported**" in lines[2] and "not measured" in lines[3] and claims.KINDS_NOTE in md

@@ -7,6 +7,7 @@ with CIs that exclude "no effect" and paired differences against the identity of
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -220,3 +221,21 @@ def test_threaded_evaluation_equals_serial(images, result):
     for k in serial.spectra:
         for name in ("rec", "err"):
             np.testing.assert_array_equal(serial.spectra[k][name], result.spectra[k][name])
+
+
+def test_perturbed_reconstructor(images):
+    """σ = 0 is the plain reconstruction; the noise is the same for every VAE (paired) and for every call,
+    and grows the error with σ."""
+    from fvae_core.evaluate import PerturbedReconstructor, VAEReconstructor
+
+    vae = VAEReconstructor.load(str(ROOT / "weights" / "small-cpu"), "base")
+    x = np.stack([v.rgb for v in views_at(images[:4], 64)[0]]).astype(np.float32) / 255.0
+    np.testing.assert_allclose(PerturbedReconstructor(vae, 0.0, 5.0)(x), vae(x), atol=2e-5)
+    a = PerturbedReconstructor(vae, 0.25, 5.0, name="a")
+    b = PerturbedReconstructor(dataclasses.replace(vae, name="other"), 0.25, 5.0, name="b")
+    assert a.name == "a" and PerturbedReconstructor(vae, 0.5, 5.0).name == "base@σ0.5"
+    np.testing.assert_array_equal(a(x), b(x))
+    err = [float(np.mean((PerturbedReconstructor(vae, s, 5.0)(x) - x) ** 2)) for s in (0.0, 0.25, 1.0)]
+    assert err[0] < err[1] < err[2]
+    with pytest.raises(EvalError, match="sigma"):
+        PerturbedReconstructor(vae, -1.0, 5.0)

@@ -46,6 +46,29 @@ def test_sample_is_deterministic_and_decodes_like_diffusers(trained, tmp_path):
     assert zc.shape == (2, 8, 8, 4) and not (tmp_path / "c" / "vae").exists()
 
 
+def test_fp16_export_halves_the_file_and_samples_alike(trained, tmp_path):
+    """``fvae latents export --dtype fp16``: half the bytes, every weight the fp16 rounding of the fp32 one,
+    loaded back as float32, and samples of the same seed equal to rounding (the committed
+    weights/latent-flow is stored this way)."""
+    from safetensors.numpy import load_file
+
+    from fvae_core.latents.train import WEIGHTS_FILE, load_model
+
+    base, _ = trained
+    src = base / "run" / "model"
+    assert main(["latents", "export", "--model", str(src), "--out", str(tmp_path / "h")]) == 0
+    a, b = load_file(str(src / WEIGHTS_FILE)), load_file(str(tmp_path / "h" / WEIGHTS_FILE))
+    assert a.keys() == b.keys() and all(b[k].dtype == np.float16 for k in b)
+    assert all(np.array_equal(b[k], a[k].astype(np.float16)) for k in a)
+    size = lambda p: (p / WEIGHTS_FILE).stat().st_size  # noqa: E731
+    assert size(tmp_path / "h") < 0.55 * size(src)
+    m32, m16 = load_model(src), load_model(tmp_path / "h")
+    assert m16.meta["dtype"] == "fp16" and m16.scaling_factor == m32.scaling_factor
+    z32, z16 = m32.sample(4, 3), m16.sample(4, 3)
+    assert z16.dtype == np.float32 and not np.array_equal(z16, z32)  # really rounded ...
+    np.testing.assert_allclose(z16, z32, atol=0.02 * float(np.std(z32)))  # ... and only that
+
+
 def test_bad_arguments_exit_2_with_one_line(trained, tmp_path, capsys):
     base, _ = trained
     model = str(base / "run" / "model")
@@ -56,6 +79,8 @@ def test_bad_arguments_exit_2_with_one_line(trained, tmp_path, capsys):
         (["latents", "train", "--config", "nope", "--run-dir", str(tmp_path / "r")], "unknown latent preset"),
         (["latents", "train", "--config", "latent-smoke", "--set", "lr=-1", "--run-dir", str(tmp_path / "r")], "lr"),
         (["latents", "train", "--resume", str(base / "run"), "--vae", "x"], "--resume takes only"),
+        (["latents", "export", "--model", str(tmp_path), "--out", str(tmp_path / "o")], "not a latent model folder"),
+        (["latents", "export", "--model", model, "--out", model], "must differ"),
     ]
     for argv, msg in cases:
         assert main(argv) == 2, argv

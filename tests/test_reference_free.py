@@ -157,3 +157,25 @@ def test_band_power_rejects_mismatched_sets():
         rf.band_power_db(np.zeros((2, 16, 16)), np.zeros((2, 16, 8)))
     with pytest.raises(ValueError, match="no power"):
         rf.band_power_db(np.zeros((2, 16, 16)), np.zeros((2, 16, 16)))
+
+
+def test_measure_decodes_ranks_a_noisy_decoder_and_shares_regions():
+    """Three "decoders" of the same eight latents: two identical clean ones and one adding noise of known σ.
+    The clean ones measure alike; the noisy one has more top-band power, flat noise near σ (the median
+    structure comes from the two clean ones, so its own noise does not shrink its flat regions) and more
+    total variation beside edges."""
+    rng = np.random.default_rng(3)
+    clean = np.stack([np.repeat(disk(64, 14 + i, blur=0.6)[..., None], 3, axis=2) for i in range(8)])
+    sigma = 0.02
+    noisy = np.clip(clean + rng.normal(0, sigma, clean.shape[:3])[..., None], 0, 1)  # grey noise: L noise ≈ σ
+    m = rf.measure_decodes({"a": clean, "b": clean.copy(), "noisy": noisy}, clean)
+    for k in rf.MEASURES:
+        np.testing.assert_array_equal(m["a"][k], m["b"][k])
+        assert m["a"][k].shape == (8,)
+    assert np.all(m["noisy"]["hf_db"] > m["a"]["hf_db"] + 3)
+    assert np.all(m["a"]["flat_noise"] < 1e-3)
+    L_noise = np.std(oklab_np(noisy[0])[..., 0] - oklab_np(clean[0])[..., 0])
+    assert np.nanmean(m["noisy"]["flat_noise"]) == pytest.approx(L_noise, rel=0.15)
+    assert np.all(m["noisy"]["edge_ringing"] > m["a"]["edge_ringing"])
+    with pytest.raises(ValueError, match="same latents"):
+        rf.measure_decodes({"a": clean, "b": clean[:4]}, clean)

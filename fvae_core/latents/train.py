@@ -31,6 +31,8 @@ from fvae_core.runs.config import ConfigError, DataConfig, from_dict, to_dict
 
 MODEL_FILE = "latent_model.json"
 WEIGHTS_FILE = "unet.safetensors"
+#: Stored dtypes of an exported model; it is always loaded (and sampled) in float32.
+EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,7 @@ class LatentRunConfig:
     keep_ckpts: int = 2
     sample_steps: int = 30  # sampler steps for samples and the exported default
     sampler: str = "heun"
+    export_dtype: str = "fp32"  # "fp16" halves the file (the committed weights/latent-flow)
 
     def __post_init__(self):
         def bad(msg):
@@ -70,6 +73,8 @@ class LatentRunConfig:
             bad(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.time_sampling not in ("uniform", "logit-normal"):
             bad(f"time_sampling must be 'uniform' or 'logit-normal', got {self.time_sampling!r}")
+        if self.export_dtype not in EXPORT_DTYPES:
+            bad(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
         if self.sampler not in flow.METHODS:
             bad(f"sampler must be one of {', '.join(flow.METHODS)}, got {self.sampler!r}")
 
@@ -209,23 +214,42 @@ def train(cfg: LatentRunConfig, run_dir, *, resume: bool = False, log=print) -> 
 
 
 def export(cfg: LatentRunConfig, params, latent_hw, scale: float, folder) -> Path:
-    """The EMA weights (fp32 safetensors) and ``latent_model.json``; written to a temporary folder and
-    renamed into place."""
+    """The EMA weights (safetensors, ``cfg.export_dtype``) and ``latent_model.json``."""
+    meta = {"unet": to_dict(cfg.unet), "latent_hw": list(latent_hw), "scaling_factor": scale,
+            "vae": cfg.vae, "sample_steps": cfg.sample_steps, "sampler": cfg.sampler, "run": cfg.name}
+    return _write_model(meta, params, folder, cfg.export_dtype)
+
+
+def _write_model(meta: dict, params, folder, dtype: str) -> Path:
+    """Weights and ``latent_model.json`` written to a temporary folder and renamed into place. A weight that
+    is not finite in ``dtype`` (beyond fp16's range) is an error, not a silent inf."""
     from safetensors.numpy import save_file
 
     from fvae_core.data.prepare import move_into_place
 
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    flat = {}
+    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        with np.errstate(over="ignore"):
+            a = np.asarray(v, np.float32).astype(EXPORT_DTYPES[dtype])
+        if not np.all(np.isfinite(a)):
+            raise ConfigError(f"weight {name} does not fit {dtype} (max |w| {np.max(np.abs(np.asarray(v))):.3g})")
+        flat[name] = a
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v, np.float32)
-            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     save_file(flat, str(tmp / WEIGHTS_FILE))
-    meta = {"unet": to_dict(cfg.unet), "latent_hw": list(latent_hw), "scaling_factor": scale,
-            "vae": cfg.vae, "sample_steps": cfg.sample_steps, "sampler": cfg.sampler, "run": cfg.name}
-    (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=1))
+    (tmp / MODEL_FILE).write_text(json.dumps({**meta, "dtype": dtype}, indent=1))
     move_into_place(tmp, folder)
     return folder
+
+
+def convert_model(src, dst, dtype: str) -> Path:
+    """A copy of the exported model ``src`` with its weights stored as ``dtype`` (``fvae latents export``)."""
+    m = load_model(src)
+    return _write_model({k: v for k, v in m.meta.items() if k != "dtype"}, m.params, dst, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,5 +294,5 @@ def load_model(folder) -> LatentModel:
     bad = [n for (n, (_, v)) in zip(names, leaves) if flat[n].shape != v.shape]
     if bad:
         raise ConfigError(f"{folder}: weight shapes differ from the config at {bad[:3]}")
-    params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[n]) for n in names])
+    params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[n], jnp.float32) for n in names])
     return LatentModel(cfg, params, float(meta["scaling_factor"]), tuple(meta["latent_hw"]), meta)
