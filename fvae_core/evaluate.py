@@ -114,7 +114,8 @@ class PerturbedReconstructor:
     generated ones (near it, off it) that still has a reference image.
 
     The noise is drawn from ``(seed, batch shape)`` alone, so every VAE evaluated on the same images gets the
-    same noise (paired comparisons), and each ``sigma`` scales the same draw (common random numbers)."""
+    same noise (paired comparisons), and each ``sigma`` scales the same draw (common random numbers). Pass
+    the whole image set in one call, as :func:`evaluate` does: two equal-sized chunks would get equal noise."""
 
     vae: VAEReconstructor
     sigma: float
@@ -428,13 +429,18 @@ class EvalResult:
 
 def evaluate(vaes: Sequence[Reconstructor], images: Sequence[EvalImage], resolutions: Sequence[int], *,
              lpips_net: str | None = "vgg16", batch_size: int = 4, keep_recs: bool = True,
-             progress: bool = False, log: Callable = print, threads: int = 2) -> EvalResult:
+             progress: bool = False, log: Callable = print, threads: int | None = None) -> EvalResult:
     """Reconstruct every image at every resolution with every VAE and measure it (see module docstring).
 
     ``threads`` VAEs reconstruct (and get their LPIPS) at once, in threads of this process: XLA:CPU keeps
     about one core busy per call, and a jitted call releases the GIL, so two threads on 2 cores measured
     1.7x the throughput of one (two small-cpu VAEs on 48 images at 128²: 8.8 instead of 14.8 s). The
-    results do not depend on it (each VAE's computation is the same)."""
+    results do not depend on it (each VAE's computation is the same). ``None``: 2 on the CPU backend, 1
+    elsewhere (an accelerator runs one call at a time at full width, and two would double peak memory)."""
+    if threads is None:
+        import jax
+
+        threads = 2 if jax.default_backend() == "cpu" else 1
     names = [v.name for v in vaes]
     if not vaes:
         raise EvalError("no VAE to evaluate")

@@ -243,6 +243,14 @@ def latent_model(s: Settings):
     return load_model(s.root / "weights" / LATENT_MODEL)
 
 
+def _check_latent_base(s: Settings, base: Path) -> None:
+    """The latent model belongs to one VAE's latent space (and its std sets the perturbations' scale)."""
+    want = (s.root / latent_model(s).meta["vae"]).resolve()
+    if Path(base).resolve() != want:
+        raise ValueError(f"the latent model {LATENT_MODEL} was trained on the latents of {want}, not of the base "
+                         f"{base} (PRETRAIN=True): train one for it with `fvae latents train --vae {base}`")
+
+
 def _vaes(base: Path, runs: dict[str, Path]) -> dict:
     from fvae_core.evaluate import VAEReconstructor
 
@@ -255,6 +263,7 @@ def generated_decodes(s: Settings, base: Path, runs: dict[str, Path], log: Calla
     committed latent model (seed ``s.seed + side``), each decoded by the base and by every finetune."""
     from fvae_core.reconstruct import decode_latents
 
+    _check_latent_base(s, base)
     plan, model, vaes = LATENT_SMOKE if s.smoke else LATENT_FULL, latent_model(s), _vaes(base, runs)
     out = {}
     for side, n in plan.sizes:
@@ -290,6 +299,7 @@ def perturbed_evaluations(s: Settings, base: Path, runs: dict[str, Path], log: C
     it)."""
     from fvae_core.evaluate import PerturbedReconstructor, evaluate, gather_images
 
+    _check_latent_base(s, base)
     plan, eplan = (LATENT_SMOKE, EVAL_SMOKE) if s.smoke else (LATENT_FULL, EVAL_FULL)
     std = 1.0 / latent_model(s).scaling_factor
     vaes = _vaes(base, {"card": runs["card"]})

@@ -220,7 +220,13 @@ def test_generated_claims_follow_known_effects():
 
 def test_claims_by_kind_table():
     gen = claims.assess_generated(_generated(-1.0, -0.3, -0.01, -0.005), [64, 128])
-    md = claims.claims_by_kind_markdown({"encoded": gen, "generated": gen})
+    rev = claims.assess_generated(_generated(1.0, 0.3, 0.01, 0.005), [64, 128])
+    md = claims.claims_by_kind_markdown({"supported kind": gen, "reversed kind": rev})
     lines = md.splitlines()
-    assert lines[0] == "| claim | encoded | generated |" and len([x for x in lines if x.startswith("| **C")]) == 4
-    assert "**supported**" in lines[2] and "not measured" in lines[3] and claims.KINDS_NOTE in md
+    assert lines[0] == "| claim | supported kind | reversed kind |"
+    rows = {x.split("**")[1]: x.split(" | ")[1:] for x in lines if x.startswith("| **C")}
+    assert list(rows) == ["C1", "C2", "C3", "C4"] and claims.KINDS_NOTE in md
+    assert "**supported**" in rows["C1"][0] and "**contradicted**" in rows["C1"][1]  # each column its own kind
+    assert float(rows["C1"][0].split()[0]) == pytest.approx(-1.0, abs=0.05)
+    assert float(rows["C1"][1].split()[0]) == pytest.approx(1.0, abs=0.05)
+    assert rows["C2"][0].strip() == "not measured"

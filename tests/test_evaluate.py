@@ -223,7 +223,7 @@ def test_threaded_evaluation_equals_serial(images, result):
             np.testing.assert_array_equal(serial.spectra[k][name], result.spectra[k][name])
 
 
-def test_perturbed_reconstructor(images):
+def test_perturbed_reconstructor(images, monkeypatch):
     """σ = 0 is the plain reconstruction; the noise is the same for every VAE (paired) and for every call,
     and grows the error with σ."""
     from fvae_core.evaluate import PerturbedReconstructor, VAEReconstructor
@@ -231,10 +231,34 @@ def test_perturbed_reconstructor(images):
     vae = VAEReconstructor.load(str(ROOT / "weights" / "small-cpu"), "base")
     x = np.stack([v.rgb for v in views_at(images[:4], 64)[0]]).astype(np.float32) / 255.0
     np.testing.assert_allclose(PerturbedReconstructor(vae, 0.0, 5.0)(x), vae(x), atol=2e-5)
+    # Another decoder (same encoder, as every finetune has): the latents it is handed must carry the same
+    # noise, z + 0.25 * 5 * N(0, 1), and the same noise on every call.
+    import jax
+
+    from fvae_core import reconstruct
+
+    other = dataclasses.replace(vae, name="other", params={**vae.params, "decoder": jax.tree_util.tree_map(
+        lambda w: w * 1.01, vae.params["decoder"])})
+    seen = []
+    real_decode = reconstruct.decode_latents
+
+    def spy(config, params, z, **kw):
+        seen.append(np.asarray(z))
+        return real_decode(config, params, z, **kw)
+
+    monkeypatch.setattr(reconstruct, "decode_latents", spy)
     a = PerturbedReconstructor(vae, 0.25, 5.0, name="a")
-    b = PerturbedReconstructor(dataclasses.replace(vae, name="other"), 0.25, 5.0, name="b")
+    b = PerturbedReconstructor(other, 0.25, 5.0, name="b")
+    ya, yb, ya2 = a(x), b(x), a(x)
+    monkeypatch.undo()
     assert a.name == "a" and PerturbedReconstructor(vae, 0.5, 5.0).name == "base@σ0.5"
-    np.testing.assert_array_equal(a(x), b(x))
+    z = reconstruct.encode_latents(vae.config, vae.params, x)
+    noise = [(s - z) / 1.25 for s in seen]
+    np.testing.assert_allclose(noise[0], noise[1], atol=1e-5)
+    np.testing.assert_array_equal(seen[0], seen[2])
+    assert abs(float(np.std(noise[0])) - 1) < 0.1 and abs(float(np.mean(noise[0]))) < 0.1
+    np.testing.assert_array_equal(ya, ya2)
+    assert not np.array_equal(ya, yb)  # the other decoder really decoded
     err = [float(np.mean((PerturbedReconstructor(vae, s, 5.0)(x) - x) ** 2)) for s in (0.0, 0.25, 1.0)]
     assert err[0] < err[1] < err[2]
     with pytest.raises(EvalError, match="sigma"):

@@ -1,5 +1,6 @@
 """``fvae latents train`` and ``fvae latents sample`` end to end: deterministic for a seed, and the PNGs equal
 diffusers' PyTorch decode of the saved latents (the independent oracle)."""
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -63,6 +64,7 @@ def test_fp16_export_halves_the_file_and_samples_alike(trained, tmp_path):
     size = lambda p: (p / WEIGHTS_FILE).stat().st_size  # noqa: E731
     assert size(tmp_path / "h") < 0.55 * size(src)
     m32, m16 = load_model(src), load_model(tmp_path / "h")
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(m16.params)} == {"float32"}  # loaded as float32
     assert m16.meta["dtype"] == "fp16" and m16.scaling_factor == m32.scaling_factor
     z32, z16 = m32.sample(4, 3), m16.sample(4, 3)
     assert z16.dtype == np.float32 and not np.array_equal(z16, z32)  # really rounded ...

@@ -159,11 +159,10 @@ def test_band_power_rejects_mismatched_sets():
         rf.band_power_db(np.zeros((2, 16, 16)), np.zeros((2, 16, 16)))
 
 
-def test_measure_decodes_ranks_a_noisy_decoder_and_shares_regions():
+def test_measure_decodes_ranks_a_noisy_decoder():
     """Three "decoders" of the same eight latents: two identical clean ones and one adding noise of known σ.
-    The clean ones measure alike; the noisy one has more top-band power, flat noise near σ (the median
-    structure comes from the two clean ones, so its own noise does not shrink its flat regions) and more
-    total variation beside edges."""
+    The clean ones measure alike (no noise); the noisy one has more top-band power, flat noise near its σ in
+    Oklab L, and more total variation beside edges."""
     rng = np.random.default_rng(3)
     clean = np.stack([np.repeat(disk(64, 14 + i, blur=0.6)[..., None], 3, axis=2) for i in range(8)])
     sigma = 0.02

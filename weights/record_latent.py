@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         "params": param_count(m16.params),
         "weights_bytes": (tmp / WEIGHTS_FILE).stat().st_size,
         "steps": rows[-1]["step"],
-        "step_seconds": t[-1] - t[0] + 25 / max(rows[0]["steps_per_s"], 1e-9),
+        "step_seconds": t[-1] - t[0] + cfg["log_every"] / max(rows[0]["steps_per_s"], 1e-9),
         "step_seconds_note": "from the first logged step's rate and the metrics' timestamps; the run also "
                              "encoded its 16,832 crops once before the first step",
         "scaling_factor": m16.scaling_factor,
