@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -67,7 +72,7 @@ display(Markdown("\n".join(
        f"{mo['std_real'][c]:.3f} | {mo['std_ratio'][c]:.3f} |" for c in range(4)]
     + ["", "| decodes of | " + " | ".join(sp["generated"]["bands_cycles_per_px"]) + " (cycle/px) |",
        "|---|---|---|---|"]
-    + [f"| {k} latents | " + " | ".join(f"{m:+.2f} dB" for m in sp[k]["mean_db"]) + " |"
+    + [f"| {k.replace('_latents', '')} latents | " + " | ".join(f"{m:+.2f} dB" for m in sp[k]["mean_db"]) + " |"
        for k in ("generated", "real_latents")])))
 
 # %% [markdown]

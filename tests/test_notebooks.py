@@ -80,6 +80,8 @@ def test_readme_shows_the_committed_claims_table():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- claims:start", 1)[1].split("-->", 1)[1].split("<!-- claims:end -->", 1)[0]
     assert block.strip() == (ROOT / "figures" / "claims.md").read_text().strip()
+    kinds = readme.split("<!-- kinds:start", 1)[1].split("-->", 1)[1].split("<!-- kinds:end -->", 1)[0]
+    assert kinds.strip() == (ROOT / "figures" / "claims_by_kind.md").read_text().strip()
     import re
 
     figures = re.findall(r"\]\((figures/[^)]+\.png)\)", readme)
