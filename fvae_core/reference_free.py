@@ -157,6 +157,13 @@ def edge_ringing(L, structure=None, sigma: float = 2.0) -> float:
     return float(np.mean(out)) if len(out) else float("nan")
 
 
+def lightness(images01) -> np.ndarray:
+    """Oklab L of a stack of RGB images in [0, 1]: ``(n, H, W)`` float64 (what every measure here takes)."""
+    from fvae_core.metrics import oklab_np
+
+    return np.stack([oklab_np(np.asarray(x, np.float64))[..., 0] for x in images01])
+
+
 #: The per-decode measures of :func:`measure_decodes`.
 MEASURES = ("hf_db", "flat_noise", "edge_ringing")
 
@@ -170,16 +177,14 @@ def measure_decodes(decodes: dict, references01) -> dict[str, dict[str, np.ndarr
     the same size). The structure image of latent ``i`` (where the flat regions and edges are) is the
     pixelwise median of all decoders' lightness, so every decoder is measured on the same regions and none
     hides its own noise by making its regions smaller."""
-    from fvae_core.metrics import oklab_np
-
     names = list(decodes)
     if not names:
         raise ValueError("measure_decodes: no decodes")
     shapes = {np.shape(decodes[n]) for n in names}
     if len(shapes) != 1:
         raise ValueError(f"measure_decodes: every VAE must decode the same latents, got shapes {sorted(shapes)}")
-    L = {n: np.stack([oklab_np(np.asarray(x, np.float64))[..., 0] for x in decodes[n]]) for n in names}
-    refs = np.stack([oklab_np(np.asarray(x, np.float64))[..., 0] for x in references01])
+    L = {n: lightness(decodes[n]) for n in names}
+    refs = lightness(references01)
     structure = np.median(np.stack([L[n] for n in names]), axis=0)
     out = {}
     for n in names:

@@ -243,12 +243,14 @@ def latent_model(s: Settings):
     return load_model(s.root / "weights" / LATENT_MODEL)
 
 
-def _check_latent_base(s: Settings, base: Path) -> None:
-    """The latent model belongs to one VAE's latent space (and its std sets the perturbations' scale)."""
-    want = (s.root / latent_model(s).meta["vae"]).resolve()
+def _latent_model_for(s: Settings, base: Path):
+    """The latent model, checked to belong to ``base``'s latent space (its std sets the perturbations' scale)."""
+    model = latent_model(s)
+    want = (s.root / model.meta["vae"]).resolve()
     if Path(base).resolve() != want:
         raise ValueError(f"the latent model {LATENT_MODEL} was trained on the latents of {want}, not of the base "
                          f"{base} (PRETRAIN=True): train one for it with `fvae latents train --vae {base}`")
+    return model
 
 
 def _vaes(base: Path, runs: dict[str, Path]) -> dict:
@@ -263,8 +265,8 @@ def generated_decodes(s: Settings, base: Path, runs: dict[str, Path], log: Calla
     committed latent model (seed ``s.seed + side``), each decoded by the base and by every finetune."""
     from fvae_core.reconstruct import decode_latents
 
-    _check_latent_base(s, base)
-    plan, model, vaes = LATENT_SMOKE if s.smoke else LATENT_FULL, latent_model(s), _vaes(base, runs)
+    model = _latent_model_for(s, base)
+    plan, vaes = LATENT_SMOKE if s.smoke else LATENT_FULL, _vaes(base, runs)
     out = {}
     for side, n in plan.sizes:
         t0 = time.perf_counter()
@@ -299,9 +301,8 @@ def perturbed_evaluations(s: Settings, base: Path, runs: dict[str, Path], log: C
     it)."""
     from fvae_core.evaluate import PerturbedReconstructor, evaluate, gather_images
 
-    _check_latent_base(s, base)
+    std = 1.0 / _latent_model_for(s, base).scaling_factor
     plan, eplan = (LATENT_SMOKE, EVAL_SMOKE) if s.smoke else (LATENT_FULL, EVAL_FULL)
-    std = 1.0 / latent_model(s).scaling_factor
     vaes = _vaes(base, {"card": runs["card"]})
     images, _ = gather_images(eval_sources(eplan, log), limit=plan.perturbed_limit, log=log)
     out = {}

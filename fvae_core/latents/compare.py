@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fvae_core.metrics import oklab_np
-from fvae_core.reference_free import BANDS, band_power_db
+from fvae_core.reference_free import BANDS, band_power_db, lightness
 
 
 def channel_moments(generated, real) -> dict:
@@ -28,11 +27,6 @@ def channel_moments(generated, real) -> dict:
     return {"mean_generated": gm.tolist(), "mean_real": rm.tolist(), "std_generated": gs.tolist(),
             "std_real": rs.tolist(), "std_ratio": (gs / rs).tolist(),
             "mean_gap_in_real_std": ((gm - rm) / rs).tolist()}
-
-
-def lightness(images01) -> np.ndarray:
-    """Oklab L of a stack of RGB images in [0, 1]: ``(n, H, W)``."""
-    return np.stack([oklab_np(np.asarray(x, np.float64))[..., 0] for x in images01])
 
 
 def decode_spectrum_gap(decodes01, images01, bands=BANDS) -> dict:
