@@ -21,7 +21,7 @@ $(STAMP): requirements/core.txt requirements/dev.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# The notebook suite at the embedded default scale: 01-06 executed headless (papermill), figures/ and
+# The notebook suite at the embedded default scale: 01-07 executed headless (papermill), figures/ and
 # figures/claims.md written; runs cached by config hash under runs/suite (a second run takes minutes).
 # It uses the Debian photographs and paintings when apt-get can fetch them (else the PyPI photos only).
 demo: $(STAMP) debian-data

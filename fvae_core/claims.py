@@ -335,10 +335,14 @@ def assess_generated(measures: dict, sizes: Sequence[int], *, base: str = "base"
     kw = {"n_boot": n_boot}
     main, out = sizes[0], []
     m = measures[main]
-    d1 = m[card]["hf_db"] - m[base]["hf_db"]
+
+    def change(size, measure="hf_db"):  # card − base per latent: the decodes of one latent are paired
+        return measures[size][card][measure] - measures[size][base][measure]
+
+    d1 = change(main)
     est = stats.bootstrap_ci(d1, **kw)
     v, n = _judge([(est, "negative", "hf_db")])
-    effects = {f"{s}²": stats.bootstrap_ci(measures[s][card]["hf_db"] - measures[s][base]["hf_db"], **kw) for s in sizes}
+    effects = {f"{s}²": stats.bootstrap_ci(change(s), **kw) for s in sizes}
     out.append(Claim("C1", CLAIMS["C1"], f"high-band power of the decodes (dB vs real images), card − base, at {main}²",
                      "Without a reference the added noise is the power itself: a decoder that removes noise "
                      "decodes the same latent with less top-band power.", est, "dB", v,
@@ -347,8 +351,7 @@ def assess_generated(measures: dict, sizes: Sequence[int], *, base: str = "base"
                              ["generated photos and paintings (the latent model makes flat art only)"]))
     if len(sizes) > 1:
         lo, hi = sorted(sizes)[0], sorted(sizes)[-1]
-        dlo = measures[lo][card]["hf_db"] - measures[lo][base]["hf_db"]
-        dhi = measures[hi][card]["hf_db"] - measures[hi][base]["hf_db"]
+        dlo, dhi = change(lo), change(hi)
         est3 = stats.unpaired_difference(dlo, dhi, **kw)
         v3, n3 = _judge([(est3, "negative", "hf_db")])
         out.append(Claim("C3", CLAIMS["C3"], f"C1's per-latent effect at {lo}² minus at {hi}² (different latents)",
@@ -357,8 +360,8 @@ def assess_generated(measures: dict, sizes: Sequence[int], *, base: str = "base"
                          _delta("hf_db", "dB"), n3, DELTAS["hf_db"][0]))
     else:
         out.append(_not_measured("C3", "—", "needs two latent sizes", "dB", ["a second latent size"]))
-    ring = stats.bootstrap_ci(m[card]["edge_ringing"] - m[base]["edge_ringing"], **kw)
-    noise = stats.bootstrap_ci(m[card]["flat_noise"] - m[base]["flat_noise"], **kw)
+    ring = stats.bootstrap_ci(change(main, "edge_ringing"), **kw)
+    noise = stats.bootstrap_ci(change(main, "flat_noise"), **kw)
     v4, n4 = _judge([(ring, "negative", "oklab_l"), (noise, "negative", "oklab_l")])
     out.append(Claim("C4", CLAIMS["C4"], f"excess total variation beside edges and flat-region noise (Immerkær), "
                      f"card − base, at {main}², regions from the median of all decoders' decodes",

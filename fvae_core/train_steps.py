@@ -38,6 +38,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -368,6 +369,14 @@ class Trainer:
             raise ValueError(f"phase {phase!r} not in {PHASES}")
         return partial(_train_steps, self, phase, grad_accum)
 
+    def host_pixel_weights(self, first: int, steps: int = 1) -> np.ndarray:
+        """:func:`pixel_weights_at` for steps ``first .. first + steps - 1`` as the input ``batch["pixel_weights"]``:
+        float32 ``[2]``, or ``[steps, 2]`` for ``steps > 1``. The schedule is evaluated by the same jnp code
+        on the host's default device, so a step fed these equals one that computes them (tested)."""
+        rows = [np.asarray([np.float32(w) for w in jax.device_get(pixel_weights_at(self.recipe, first + i))],
+                           np.float32) for i in range(steps)]
+        return rows[0] if steps == 1 else np.stack(rows)
+
     def critic_step_fn(self) -> Callable:
         """``critic_step(state, batch, rng) -> (state, metrics)``: a critic-only update (jitted, state
         donated), for several critic iterations per generator step (WGAN-GP's n_critic). ``batch["fake"]``
@@ -395,6 +404,18 @@ def _last_layer_grad(h: jax.Array, kernel: jax.Array, cotangent: jax.Array) -> j
     B1 256^2 where XLA's own took 164 ms; elsewhere XLA's gradient)."""
     h = h.astype(jnp.float32)
     return jax.vjp(lambda w: conv2d(h, w), kernel.astype(jnp.float32))[1](cotangent.astype(jnp.float32))[0]
+
+
+def pixel_weights_at(recipe: RecipeConfig, step) -> tuple:
+    """``(w_mae, w_mse)`` of ``recipe`` at ``step``: the Furception schedule
+    (:func:`fvae_core.losses.furception_pixel_weights`) or the fixed weights. A step computes them itself
+    unless its batch carries them as ``batch["pixel_weights"]`` (a ``[2]`` float32 array, ``[n, 2]`` for
+    :meth:`Trainer.raw_steps`; :meth:`Trainer.host_pixel_weights`). As an input they leave the compiled
+    program: the card's run and the ``mae-only`` and ``mse-only`` ablations then compile to one program,
+    and ``fvae train`` loads it from jax's persistent cache instead of compiling it again."""
+    if recipe.mae_schedule:
+        return furception_pixel_weights(step, steps=recipe.mae_schedule_steps)
+    return recipe.w_mae, recipe.w_mse
 
 
 def _kl_term(post, image_shape) -> jax.Array:
@@ -687,9 +708,11 @@ def _cached_jit(key, fn, step: bool = True, activation_elements: int | None = No
     return _JIT_CACHE[key]
 
 
-def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel):
+def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel,
+                    pixel_weights=None):
     """Gradient of the generator's total loss w.r.t. the trainable params, its metrics, and the (detached)
-    decoded images: ``L = L_rec + kl_weight KL + w L_adv`` with one decoder backward (module docstring)."""
+    decoded images: ``L = L_rec + kl_weight KL + w L_adv`` with one decoder backward (module docstring).
+    ``pixel_weights``: ``(w_mae, w_mse)`` as an input (:func:`pixel_weights_at`), else computed in the step."""
     r, model, critic = trainer.recipe, trainer.model, trainer.critic
     xm = to_model_range(x01)
     rng_z = jax.random.fold_in(rng, 1)
@@ -712,10 +735,10 @@ def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, l
 
     (y, kl), vjp_fn, h = jax.vjp(forward, state.params, has_aux=True)
 
-    if r.mae_schedule:
-        w_mae, w_mse = furception_pixel_weights(state.step, steps=r.mae_schedule_steps)
+    if pixel_weights is None:
+        w_mae, w_mse = pixel_weights_at(r, state.step)
     else:
-        w_mae, w_mse = r.w_mae, r.w_mse
+        w_mae, w_mse = pixel_weights[0], pixel_weights[1]
     xm_target = lax.stop_gradient(xm)
 
     def rec_loss(y):
@@ -799,8 +822,9 @@ def _update_if(ok, update, operands):
 
 
 def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel,
-                      accum: int = 1):
-    grads, metrics, fake = _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum)
+                      accum: int = 1, pixel_weights=None):
+    grads, metrics, fake = _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum,
+                                                        pixel_weights)
     r = trainer.recipe
     # NaN guard: a non-finite loss or gradient skips the whole update (params, moments, EMA).
     ok = all_finite(grads, metrics["loss/total"])
@@ -816,7 +840,7 @@ def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng,
     return state.replace(params=params, opt_state=opt_state, ema=ema), metrics, fake
 
 
-def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: int):
+def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: int, pixel_weights=None):
     """:func:`generator_grads` over ``accum`` equal micro-batches of ``x01``, gradients and metrics averaged.
 
     Each micro-batch gets its own adaptive weight, as LDM's loss does under Lightning's
@@ -824,7 +848,7 @@ def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: 
     :func:`generator_grads`.
     """
     if accum == 1:
-        return generator_grads(trainer, phase, state, x01, rng, lpips)
+        return generator_grads(trainer, phase, state, x01, rng, lpips, pixel_weights)
     b = x01.shape[0]
     if b % accum:
         raise ValueError(f"batch {b} is not divisible by grad_accum {accum}")
@@ -833,7 +857,7 @@ def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: 
 
     def micro(acc, inp):
         x_i, rng_i = inp
-        g, m, fake = generator_grads(trainer, phase, state, x_i, rng_i, lpips)
+        g, m, fake = generator_grads(trainer, phase, state, x_i, rng_i, lpips, pixel_weights)
         return jax.tree_util.tree_map(jnp.add, acc, g), (m, fake)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -874,7 +898,8 @@ def _critic_update(trainer: Trainer, state: TrainState, real_m, fake_m, rng):
 def _train_step(trainer: Trainer, phase: str, accum: int, state: TrainState, batch, rng, lpips: LPIPSModel):
     x01 = batch["image"].astype(jnp.float32)
     rng_g, rng_c = jax.random.split(rng)
-    state, metrics, fake = _generator_update(trainer, phase, state, x01, rng_g, lpips, accum)
+    state, metrics, fake = _generator_update(trainer, phase, state, x01, rng_g, lpips, accum,
+                                             batch.get("pixel_weights"))
     if phase != "rec":
         state, cm = _critic_update(trainer, state, to_model_range(x01), fake, rng_c)
         metrics.update(cm)

@@ -108,9 +108,9 @@ display(Markdown("| decode | VAE | high band (dB vs real) | flat noise (L) | rin
 
 # %%
 perturbed = suite.perturbed_evaluations(S, base, runs)
-psnr = {f"σ={sg:g}": {v: float(np.mean([r["psnr"] for r in res.select(v, max(res.resolutions))])) for v in res.vaes}
+psnr = {f"σ={sg:g}": {v: res.summary(["psnr"])[v][max(res.resolutions)]["all"]["psnr"].fmt(2) for v in res.vaes}
         for sg, res in perturbed.items()}
-print("mean PSNR at the larger size:", json.dumps(psnr, indent=1))
+print("PSNR at the larger size, mean [95% CI]:", json.dumps(psnr, indent=1, ensure_ascii=False))
 
 # %% [markdown]
 # ## C1–C4 per latent kind

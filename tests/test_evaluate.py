@@ -263,3 +263,29 @@ def test_perturbed_reconstructor(images, monkeypatch):
     assert err[0] < err[1] < err[2]
     with pytest.raises(EvalError, match="sigma"):
         PerturbedReconstructor(vae, -1.0, 5.0)
+
+
+def test_perturbed_encode_memo_is_keyed_by_content(images):
+    """The shared memo: the base and a decoder-only finetune at two σ encode once and decode exactly what
+    they would without it; a different encoder, or different images, is encoded afresh (a memo keyed by
+    name, or by the decoder, would hand them the base's latents)."""
+    import jax
+
+    from fvae_core.evaluate import EncodeMemo, PerturbedReconstructor, VAEReconstructor
+
+    vae = VAEReconstructor.load(str(ROOT / "weights" / "small-cpu"), "base")
+    x = np.stack([v.rgb for v in views_at(images[:3], 64)[0]]).astype(np.float32) / 255.0
+    scaled = lambda tree: jax.tree_util.tree_map(lambda w: w * 1.01, tree)  # noqa: E731
+    finetune = dataclasses.replace(vae, name="ft", params={**vae.params, "decoder": scaled(vae.params["decoder"])})
+    memo = EncodeMemo()
+    for v in (vae, finetune):
+        for sigma in (0.1, 0.5):
+            np.testing.assert_array_equal(PerturbedReconstructor(v, sigma, 5.0, encodings=memo)(x),
+                                          PerturbedReconstructor(v, sigma, 5.0)(x))
+    assert memo.encodes == 1
+    other_encoder = dataclasses.replace(vae, name="base", params={**vae.params, "encoder": scaled(vae.params["encoder"])})
+    np.testing.assert_array_equal(PerturbedReconstructor(other_encoder, 0.1, 5.0, encodings=memo)(x),
+                                  PerturbedReconstructor(other_encoder, 0.1, 5.0)(x))
+    assert memo.encodes == 2
+    PerturbedReconstructor(vae, 0.1, 5.0, encodings=memo)(x[:2])
+    assert memo.encodes == 3

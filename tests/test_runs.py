@@ -236,8 +236,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_halts_cleanly(cache, tmp_path,
 
     real = train_steps.generator_grads
 
-    def poisoned(trainer, phase, state, x01, rng, lpips):
-        grads, metrics, fake = real(trainer, phase, state, x01, rng, lpips)
+    def poisoned(trainer, phase, state, x01, rng, lpips, pixel_weights=None):
+        grads, metrics, fake = real(trainer, phase, state, x01, rng, lpips, pixel_weights)
         bad = state.step >= 2
         grads = jax.tree_util.tree_map(lambda g: jnp.where(bad, g * jnp.nan, g), grads)
         return grads, metrics, fake
@@ -321,3 +321,19 @@ def test_resume_with_another_state_layout_is_a_one_line_error(cache, tmp_path, c
     assert cli.main(["train", "--resume", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "another train-state layout" in err and len(err.splitlines()) == 1, err
+
+
+def test_auto_steps_per_call_stops_where_the_program_changes_only():
+    """Auto steps per call divide every step the run must stop at: eval, samples, checkpoints and the
+    critic's start (a program change); the GAN's start is inside the "gan" program and does not count.
+    The suite's finetune so runs 4 steps per call on the CPU."""
+    from dataclasses import replace
+
+    from fvae_core.runs.train import steps_per_call
+
+    cfg = preset("small-cpu-finetune")
+    assert steps_per_call(cfg) == 4
+    rec = replace(cfg.recipe, critic_start=0, disc_start=6)
+    assert steps_per_call(replace(cfg, recipe=rec)) == 4
+    assert steps_per_call(replace(cfg, recipe=replace(rec, critic_start=6))) == 2
+    assert steps_per_call(replace(cfg, ckpt_every=150)) == 2

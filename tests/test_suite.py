@@ -71,3 +71,24 @@ def test_cached_runs_reports_a_failed_child_with_its_reason(tmp_path, monkeypatc
         cache.cached_runs(cfgs, tmp_path / "runs", workers=2, log=lambda m: None)
     assert len(list((tmp_path / "runs").glob("*.log"))) == 2
     assert not any(cache.is_finished(cache.run_dir_for(c, tmp_path / "runs")) for c in cfgs)
+
+
+def test_runs_sharing_a_program_are_not_started_together():
+    """The card and its mae-only / mse-only ablations differ only in step inputs (one program key); the
+    suite's ablations are started so that no two of one program start at once, and a config that changes
+    the step (sRGB loss, no GAN, hinge) has its own key."""
+    s = suite.settings(smoke=False)
+    cfgs = {n: suite.finetune_config(s, ROOT / "weights" / suite.BASE, n) for n in suite.ABLATIONS}
+    keys = {n: cache.program_key(c) for n, c in cfgs.items()}
+    assert keys["card"] == keys["mae-only"] == keys["mse-only"]
+    assert len({keys[n] for n in ("card", "srgb-loss", "no-gan", "hinge-gan")}) == 4
+    assert len({cache.config_key(c) for c in cfgs.values()}) == 6  # the runs themselves stay distinct
+    queue, running, order = list(cfgs.values()), [], []
+    while queue:  # two workers; the oldest finishes first
+        if len(running) == 2:
+            running.pop(0)
+        cfg = queue.pop(cache._next_to_start(queue, running))
+        running.append(cfg)
+        order.append(cfg.name.split("/")[-1])
+    assert order[:2] == ["small-cpu-finetune", "srgb-loss"], order
+    assert cache._next_to_start([cfgs["mae-only"]], [cfgs["card"]]) == 0  # nothing else to start: start it

@@ -454,3 +454,64 @@ def test_steps_per_call_scan_equals_single_steps(lp, batch):
         assert off.mean() < 1e-3, (part, off.mean())
         if part in ("params", "ema", "critic_params"):
             assert np.max(np.abs(a - b)) <= 2.5 * lr, part
+
+
+def test_pixel_weights_fed_as_input_equal_the_computed_ones(lp, batch):
+    """``fvae train`` feeds ``(w_mae, w_mse)`` as ``batch["pixel_weights"]`` (Trainer.host_pixel_weights):
+    a step fed them must equal one that computes them from its recipe, for the card's cosine schedule (at
+    its start, middle and end, where the weights differ) and for fixed weights; as ``[n, 2]`` rows they
+    follow ``raw_steps``' steps."""
+    from fvae_core.train_steps import pixel_weights_at
+
+    sched = dataclasses.replace(BASE, gan="wgan-gp", critic_start=0, disc_start=0, mae_schedule=True,
+                                mae_schedule_steps=4)
+    for recipe, steps in ((sched, (0, 2, 5)), (dataclasses.replace(BASE, w_mae=0.3, w_mse=2.0), (0,))):
+        tr = Trainer(recipe, CFG)
+        state0 = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+        for step in steps:
+            state0 = state0.replace(step=jnp.asarray(step, state0.step.dtype))
+            fed = tr.host_pixel_weights(step)
+            assert fed.dtype == np.float32 and fed.shape == (2,)
+            np.testing.assert_array_equal(fed, np.float32(jax.device_get(pixel_weights_at(recipe, step))))
+            copy = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state0)
+            phase = tr.program_for_step(step)
+            s_in, m_in = tr.step_fn(phase, lp)(copy, {**batch, "pixel_weights": fed}, jax.random.PRNGKey(3))
+            copy = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state0)
+            s_own, m_own = tr.step_fn(phase, lp)(copy, batch, jax.random.PRNGKey(3))
+            assert float(m_in["w_mae"]) == float(m_own["w_mae"]) and float(m_in["w_mse"]) == float(m_own["w_mse"])
+            for k in m_own:
+                np.testing.assert_allclose(float(m_in[k]), float(m_own[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+            # Weights that are constants get folded (a 0 MSE weight drops that term): two programs, equal up
+            # to fusion rounding. Adam's first update is about lr * sign(g), so a rounding-level change of a
+            # near-zero gradient moves that element by up to 2 lr (3.4e-5 seen); the rest must agree.
+            diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(_leaves(s_in.params), _leaves(s_own.params))])
+            assert diff.max() <= 2 * recipe.lr and np.mean(diff > 1e-6) < 0.01, (step, diff.max(), np.mean(diff > 1e-6))
+    # the schedule really moves over these steps: a fixed weight could not pass the first loop by accident
+    tr = Trainer(sched, CFG)
+    rows = tr.host_pixel_weights(0, 5)
+    assert rows.shape == (5, 2) and rows[0, 0] == 1.0 and rows[0, 1] == 0.0
+    assert rows[2, 0] == pytest.approx(0.8) and rows[4, 0] == pytest.approx(0.6)
+    np.testing.assert_array_equal(rows[3], tr.host_pixel_weights(3))
+
+
+def test_pixel_weight_ablations_share_one_program(lp, batch):
+    """With the pixel weights as an input, the card's recipe and its mae-only / mse-only ablations lower
+    to the same program (so jax's persistent cache compiles it once for the three); a recipe that changes
+    the computation (the sRGB loss space) does not, and neither does the card without the input."""
+    from fvae_core.runs.config import ABLATIONS
+
+    card = dataclasses.replace(BASE, gan="wgan-gp", critic_start=0, disc_start=2, mae_schedule=True,
+                               mae_schedule_steps=300)
+    recipes = {"card": card, **{n: dataclasses.replace(card, **ABLATIONS[n]) for n in ("mae-only", "mse-only",
+                                                                                          "srgb-loss")}}
+    state = Trainer(card, CFG).init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+
+    def hlo(recipe, feed=True):
+        b = {**batch, "pixel_weights": np.zeros(2, np.float32)} if feed else batch
+        text = jax.jit(Trainer(recipe, CFG).raw_step("gan")).lower(state, b, jax.random.PRNGKey(0), lp).as_text()
+        return "\n".join(line.split(" loc(")[0] for line in text.splitlines() if not line.startswith("#loc"))
+
+    card_hlo = hlo(card)
+    assert hlo(recipes["mae-only"]) == card_hlo and hlo(recipes["mse-only"]) == card_hlo
+    assert hlo(recipes["srgb-loss"]) != card_hlo
+    assert hlo(card, feed=False) != hlo(recipes["mae-only"], feed=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fvae_core.runs.config import ABLATIONS, ConfigError, RunConfig, load_config, to_dict
+from fvae_core.train_steps import RecipeConfig
 
 
 def _weights_fingerprint(init: str | None) -> str | None:
@@ -42,6 +43,19 @@ def config_key(cfg: RunConfig) -> str:
     d.pop("name", None)
     d["init"] = _weights_fingerprint(cfg.init)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+#: Recipe fields a train step takes as an input (``batch["pixel_weights"]``,
+#: :func:`fvae_core.train_steps.pixel_weights_at`), so configs differing only in them compile one program.
+PROGRAM_INPUT_FIELDS = ("mae_schedule", "mae_schedule_steps", "w_mae", "w_mse")
+
+
+def program_key(cfg: RunConfig) -> str:
+    """:func:`config_key` without the recipe fields that are step inputs (:data:`PROGRAM_INPUT_FIELDS`): runs
+    with one program key compile the same train step, so the second loads it from jax's persistent cache
+    if it starts after the first has compiled (:func:`cached_runs` orders them so)."""
+    rec = {f: getattr(RecipeConfig(), f) for f in PROGRAM_INPUT_FIELDS}
+    return config_key(dataclasses.replace(cfg, name="", recipe=dataclasses.replace(cfg.recipe, **rec)))
 
 
 def run_dir_for(cfg: RunConfig, root) -> Path:
@@ -92,13 +106,21 @@ def cached_runs(cfgs: Sequence[RunConfig], root, *, workers: int = 2, log: Calla
     return [cached_run(c, root, progress=False, log=log) for c in cfgs]
 
 
+def _next_to_start(queue: Sequence[RunConfig], running: Sequence[RunConfig]) -> int:
+    """The index in ``queue`` of the first config whose :func:`program_key` no running run has (else 0): two
+    runs of one program started together would both compile it, while one started after the other finds
+    it in jax's persistent cache (a finetune's step compiles in about 130 s on the 2-core machine)."""
+    busy = {program_key(c) for c in running}
+    return next((i for i, c in enumerate(queue) if program_key(c) not in busy), 0)
+
+
 def _train_children(cfgs: Sequence[RunConfig], root: Path, workers: int, log: Callable) -> None:
     root.mkdir(parents=True, exist_ok=True)
     queue, running, failed, t0 = list(cfgs), {}, [], time.perf_counter()
     log(f"training {len(cfgs)} runs, {workers} at a time, in child processes (logs: {root}/<run>.log)")
     while queue or running:
         while queue and len(running) < workers:
-            cfg = queue.pop(0)
+            cfg = queue.pop(_next_to_start(queue, [c for c, *_ in running.values()]))
             run_dir = run_dir_for(cfg, root)
             spec, out = run_dir.with_name(f".{run_dir.name}.config.json"), run_dir.with_suffix(".log")
             spec.write_text(json.dumps(to_dict(cfg)))

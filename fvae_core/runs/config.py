@@ -282,12 +282,13 @@ PRESETS: dict[str, RunConfig] = {
         sample_every=150, ckpt_every=150),
     # The suite's finetune (issue 27): the card's recipe from the committed base in the regime. Steps from
     # measured effect-vs-steps curves (README, "Choosing the finetune length"); schedule and GAN scale with them.
+    # Checkpoints every 100 steps, so every stop divides by 4 and the CPU runs 4 steps per call, not 2.
     "small-cpu-finetune": RunConfig(
         name="small-cpu-finetune", init="weights/small-cpu", lpips_net="alexnet",
         recipe=RecipeConfig(lr=1e-4, critic_lr=1e-4, warmup_steps=20, critic_start=0, disc_start=100,
                             critic_ndf=32, mae_schedule_steps=300, ema_decay=0.99),
         data=_TINY_DATA, batch_size=8, steps=300, log_every=25, eval_every=300, eval_batches=4,
-        sample_every=300, ckpt_every=150),
+        sample_every=300, ckpt_every=100),
     "sd-vae-ft-mse": _CARD,
 }
 

@@ -246,13 +246,13 @@ def _init_params(cfg: RunConfig):
 def steps_per_call(cfg: RunConfig) -> int:
     """Train steps per compiled call for ``cfg`` on this process's backend: ``cfg.steps_per_call``, or for 0
     :func:`fvae_core.train_steps.default_steps_per_call` with the steps the run must stop at (eval, samples,
-    checkpoints, the critic's and the GAN's start)."""
+    checkpoints, and the critic's start, where the program changes; the GAN's start is inside the "gan"
+    program, :meth:`fvae_core.train_steps.Trainer.program_for_step`)."""
     from fvae_core.train_steps import default_steps_per_call
 
     if cfg.steps_per_call:
         return cfg.steps_per_call
-    r = cfg.recipe
-    return default_steps_per_call((cfg.eval_every, cfg.sample_every, cfg.ckpt_every, r.critic_start, r.disc_start))
+    return default_steps_per_call((cfg.eval_every, cfg.sample_every, cfg.ckpt_every, cfg.recipe.critic_start))
 
 
 def resume(run_dir, **kw) -> RunResult:
@@ -327,7 +327,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         if (phase, n) not in steps:
             size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)
             b_sh = batch_sh if n == 1 else stacked_sh
-            shardings = (state_sh, {"image": b_sh}, repl, repl)
+            shardings = (state_sh, {"image": b_sh, "pixel_weights": repl}, repl, repl)
             key = (trainer, phase, cfg.grad_accum, n, size, _avals(args), _avals(shardings))
             steps[(phase, n)] = _reuse_compiled(key, lambda: compile_step(
                 trainer.raw_call(phase, cfg.grad_accum, n), args, size, donate_argnums=(0,),
@@ -456,9 +456,11 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
             # the same batches and keys as n calls of one step
             x = put_batch(images[0]) if n == 1 else put_batch(np.stack(images), stacked_sh)
             rng = jax.device_put(step_keys(jax.random.PRNGKey(cfg.seed), step, n), repl)
+            # an input, not a constant: the card and its mae-only / mse-only ablations share one program
+            weights = jax.device_put(trainer.host_pixel_weights(step, n), repl)
             del images
             t_call = time.perf_counter()
-            args = (state, {"image": x}, rng, lpips)
+            args = (state, {"image": x, "pixel_weights": weights}, rng, lpips)
             state, metrics = step_for(phase, n, args)(*args)
             del args  # the donated state
             rows = jax.device_get(metrics)
