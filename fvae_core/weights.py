@@ -8,7 +8,10 @@ Formats
 * **single file (LDM / A1111 / ComfyUI)** — one ``.safetensors`` with CompVis keys
   (``encoder.down.0.block.0.conv1.weight``, ``decoder.mid.attn_1.q.weight`` as 1x1 convs,
   ``decoder.up.{i}`` indexed from the *highest* resolution). A ``first_stage_model.`` prefix
-  (a full SD checkpoint) is tolerated. The config is given, or inferred from shapes.
+  (a full SD checkpoint) is tolerated. fvae writes the full diffusers config into the file's safetensors
+  header metadata (:data:`CONFIG_METADATA_KEY`) and reads it back, so a round trip keeps what shapes cannot
+  tell (``norm_num_groups``, ``scaling_factor``, ``shift_factor``, ...). A file without it (A1111 / ComfyUI
+  files) gets a given config, or one inferred from shapes, and a note on stderr naming the assumptions.
 * **pickle** (``.ckpt``, ``.pt``, ``.bin``, ``.pth``) — refused unless ``allow_pickle=True``, because
   unpickling runs arbitrary code. Loading them needs torch (interop only).
 
@@ -37,6 +40,10 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_PREFIXES = ("first_stage_model.",)
+#: The safetensors header metadata key under which a single file carries its diffusers ``config.json`` (JSON).
+CONFIG_METADATA_KEY = "vae_config"
+#: Config fields no single-file shape fixes: what a file without :data:`CONFIG_METADATA_KEY` must assume.
+UNINFERABLE_FIELDS = ("norm_num_groups", "scaling_factor", "shift_factor")
 
 
 class WeightError(ValueError):
@@ -324,12 +331,50 @@ def _looks_like_diffusers_keys(state: Mapping[str, Any]) -> bool:
     return any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in state)
 
 
+def stored_config(path: str | os.PathLike) -> VAEConfig | None:
+    """The config a single ``.safetensors`` carries in its header metadata (:data:`CONFIG_METADATA_KEY`), or
+    None (no metadata, another format). One-line :class:`WeightError` if it is there but unusable."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except Exception as e:  # noqa: BLE001 -- corrupt headers: the tensor read reports them in one line
+        raise WeightError(f"cannot read {path}: not a valid .safetensors file ({type(e).__name__}: {e})") from None
+    if text is None:
+        return None
+    try:
+        return VAEConfig.from_dict(json.loads(text))
+    except (json.JSONDecodeError, ConfigError, TypeError, AttributeError) as e:
+        raise WeightError(f"{path}: the config in its metadata ({CONFIG_METADATA_KEY!r}) is invalid: {e}") from None
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
 def load_single_file(path: str | os.PathLike, config: VAEConfig | None = None, allow_pickle: bool = False,
-                     **config_overrides) -> LoadedVAE:
-    """Load a single-file VAE (LDM keys; a diffusers-keyed single file is recognised too)."""
+                     note: Callable[[str], None] = _stderr, **config_overrides) -> LoadedVAE:
+    """Load a single-file VAE (LDM keys; a diffusers-keyed single file is recognised too).
+
+    The config is, in order: ``config`` if given (``note`` names the fields where it differs from the
+    file's stored one); the file's stored config (:func:`stored_config`); else inferred from shapes, with
+    ``note`` naming the assumed :data:`UNINFERABLE_FIELDS`."""
     state = _strip_single_file_prefix(read_state_dict(path, allow_pickle=allow_pickle))
     if not state:
         raise WeightError(f"{path} contains no tensors")
+    stored = stored_config(path)
+    if config is not None and stored is not None and config != stored:
+        diff = [f.name for f in dataclasses.fields(VAEConfig) if getattr(config, f.name) != getattr(stored, f.name)]
+        note(f"fvae: {path}: using the config passed, which differs from the one stored in the file in "
+             f"{', '.join(diff)}")
+    if config is None and stored is not None:
+        config = dataclasses.replace(stored, **config_overrides) if config_overrides else stored
     if _looks_like_diffusers_keys(state):
         if config is None:
             raise WeightError(f"{path} has diffusers-style keys but no config: pass a config.json")
@@ -337,6 +382,11 @@ def load_single_file(path: str | os.PathLike, config: VAEConfig | None = None, a
     else:
         if config is None:
             config = infer_config_from_ldm(state, **config_overrides)
+            assumed = [f for f in UNINFERABLE_FIELDS if f not in config_overrides]
+            if assumed:
+                note(f"fvae: {path} stores no config; its shapes fix the rest, assumed "
+                     + ", ".join(f"{f}={getattr(config, f)}" for f in assumed)
+                     + " (pass --config a config.json if these are wrong)")
         dstate = diffusers_state_dict_from_ldm(state, config, str(path))
     return LoadedVAE(config, params_from_diffusers_state_dict(dstate, config, str(path)), str(path))
 
@@ -429,7 +479,8 @@ def save_diffusers_folder(folder: str | os.PathLike, config: VAEConfig, params, 
 
 
 def save_single_file(path: str | os.PathLike, config: VAEConfig, params, dtype: str = "fp32") -> Path:
-    """Write an LDM-keyed single ``.safetensors`` (A1111 / ComfyUI ``models/vae``)."""
+    """Write an LDM-keyed single ``.safetensors`` (A1111 / ComfyUI ``models/vae``), the full config in its
+    header metadata (:data:`CONFIG_METADATA_KEY`; other tools ignore it)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -438,5 +489,28 @@ def save_single_file(path: str | os.PathLike, config: VAEConfig, params, dtype: 
     with np.errstate(over="ignore"):
         state = ldm_state_dict_from_diffusers(diffusers_state_dict_from_params(params, _DTYPES[dtype]), config)
     _check_finite(state, dtype)
-    _atomic_write(path, lambda t: save_file(state, t, metadata={"format": "pt"}))
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+
+    def write(tmp: str) -> None:
+        save_file(state, tmp, metadata=metadata)
+        _canonical_header(tmp)
+
+    _atomic_write(path, write)
     return path
+
+
+def _canonical_header(path: str) -> None:
+    """Rewrite a safetensors file's JSON header with its keys in a fixed order. safetensors serialises the
+    metadata from a Rust ``HashMap``, whose order changes from process to process: with two metadata
+    entries, two exports of the same weights differed in their header bytes (seen in the resume test,
+    which compares exports byte for byte). The tensors' offsets and bytes are unchanged."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
