@@ -335,9 +335,16 @@ def _group_norm_act(x, scale, bias, groups: int, eps: float, act: str | None, dt
         s = per_channel_sum.reshape(b, groups, c // groups).sum(-1, keepdims=True)
         return jnp.broadcast_to(s / n, (b, groups, c // groups)).reshape(b, 1, 1, c)
 
-    xc = xf - group_mean(jnp.sum(xf, axis=(1, 2)))
-    var = group_mean(jnp.sum(jnp.square(xc), axis=(1, 2)))
-    y = xc * lax.rsqrt(var + eps) * scale + bias
+    mean = group_mean(jnp.sum(xf, axis=(1, 2)))
+    var = group_mean(jnp.sum(jnp.square(xf - mean), axis=(1, 2)))
+    return group_norm_apply(xf, mean, var, scale, bias, eps, act, dtype)
+
+
+def group_norm_apply(x, mean, var, scale, bias, eps: float, act: str | None, dtype):
+    """The second half of :class:`GroupNorm`: ``act((x - mean) / sqrt(var + eps) * scale + bias)`` in float32,
+    cast to ``dtype``, from statistics broadcastable to ``x`` (per sample and channel). Also what
+    :mod:`fvae_core.tiling` applies with statistics gathered over a whole image, band by band."""
+    y = (x.astype(jnp.float32) - mean) * lax.rsqrt(var + eps) * scale + bias
     if act is not None:
         y = _ACTIVATIONS[act](y)
     return y.astype(dtype)
