@@ -37,9 +37,13 @@ def cmd_reconstruct(args) -> int:
     missing = [p for p in args.images if not Path(p).exists()]
     if len(missing) == len(args.images):
         raise UsageError(f"no input image exists: {', '.join(map(str, missing[:5]))}")
+    if args.tile is not None and args.tile < 0:
+        raise UsageError(f"--tile must be >= 0 (0: never tile), got {args.tile}")
+    if args.tile and args.dtype != "float32":
+        raise UsageError(f"--tile computes in float32; drop --dtype {args.dtype} or use --tile 0")
     vae = _load(args)
     report = reconstruct_files(vae.config, vae.params, args.images, args.out, mode=args.mode, seed=args.seed,
-                               dtype=args.dtype, log=lambda m: print(f"fvae: {m}", file=sys.stderr))
+                               dtype=args.dtype, tile=args.tile, log=lambda m: print(f"fvae: {m}", file=sys.stderr))
     print(f"reconstructed {len(report.written)} image(s) into {args.out}; skipped {len(report.failed)}")
     if not report.written:
         return 2
@@ -176,6 +180,61 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    """fp16 / bf16 report of a VAE on real images (fvae_core.precision), and with ``--rescale-out`` the exact
+    power-of-two rescale written as a diffusers folder, with its own report."""
+    import json
+
+    import numpy as np
+
+    from fvae_core.evaluate import EvalError, gather_images, views_at
+    from fvae_core.precision import inspect, report_markdown, rescale_for_half
+
+    if args.size < 8 or args.size % 8:
+        raise UsageError(f"--size must be a positive multiple of 8, got {args.size}")
+    if not args.limit > 0:
+        raise UsageError(f"--limit must be > 0, got {args.limit}")
+    if args.rescale_limit is not None and not 0 < args.rescale_limit < 65504:
+        raise UsageError(f"--rescale-limit must be between 0 and 65504, got {args.rescale_limit}")
+    vae = _load(args)
+    try:
+        images, _ = gather_images(args.data or ["photos"], limit=args.limit,
+                                  log=lambda m: print(f"fvae: {m}", file=sys.stderr))
+    except EvalError as e:
+        raise UsageError(str(e)) from e
+    views, _ = views_at(images, args.size)
+    if not views:
+        raise UsageError(f"no image is at least {args.size}px on its short side; lower --size")
+    x = np.stack([v.rgb for v in views]).astype(np.float32) / 255.0
+    reports = {"as given": inspect(vae.config, vae.params, x)}
+    if args.rescale_limit is not None or args.rescale_out:
+        from fvae_core.weights import save_diffusers_folder
+
+        fixed, factors = rescale_for_half(vae.config, vae.params, reports["as given"].layers,
+                                          limit=args.rescale_limit or 2048.0)
+        reports["rescaled"] = inspect(vae.config, fixed, x)
+        if args.rescale_out:
+            save_diffusers_folder(args.rescale_out, vae.config, fixed)
+    text = "\n".join(f"## {label}\n\n{report_markdown(r)}" for label, r in reports.items())
+    print(text)
+    if args.out:
+        from fvae_core.plotting import plot_activation_headroom, save_figure
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "inspect.md").write_text(text)
+        (out / "inspect.json").write_text(json.dumps({label: {
+            "precision": r.precision, "images": r.images,
+            "layers": [{"name": m.name, "kind": m.kind, "max_abs": m.max_abs, "fp16_headroom": m.headroom}
+                       for m in r.layers]} for label, r in reports.items()}, indent=1, default=float))
+        ax = plot_activation_headroom({k: r.layers for k, r in reports.items()},
+                                      title=f"{args.vae}: max |activation| on {len(x)} image(s) at {args.size}²")
+        save_figure(ax.figure, "00_inspect_headroom", out)
+    if args.rescale_out:
+        print(f"rescaled weights (exact powers of two) written to {args.rescale_out}")
+    return 0
+
+
 def cmd_latents_train(args) -> int:
     import dataclasses
     import json
@@ -293,7 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("mean", "sample"), default="mean", help="posterior mean or a sample")
     p.add_argument("--seed", type=int, default=0, help="seed for --mode sample")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="reconstruct in bands of N rows, exactly (whole-image GroupNorm statistics); 0: never; "
+                        "default: only images whose widest activation is above 1 GiB (said on stderr)")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("inspect", help="fp16/bf16 headroom of a VAE: per-layer max activations, half-precision "
+                                       "decodes vs fp32, and an exact rescale that keeps fp16 finite")
+    _add_vae_args(p)
+    p.add_argument("--data", action="append", default=None,
+                   help="images: a built-in source (photos, openmoji), folder or file; repeatable (default: photos)")
+    p.add_argument("--size", type=int, default=256, help="centre squares of this size (default 256)")
+    p.add_argument("--limit", type=int, default=8, help="images per source (default 8)")
+    p.add_argument("--out", default=None, help="folder for inspect.md, inspect.json and the figure")
+    p.add_argument("--rescale-limit", type=float, default=None,
+                   help="rescale so every rescalable activation is at most this (default 2048 with --rescale-out)")
+    p.add_argument("--rescale-out", default=None, help="write the rescaled VAE here (diffusers folder)")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="convert a VAE to a diffusers folder or a single-file LDM .safetensors")
     _add_vae_args(p)

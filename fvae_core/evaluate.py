@@ -99,6 +99,16 @@ class VAEReconstructor:
         f = self.config.downsample_factor
         if batch01.shape[1] % f or batch01.shape[2] % f:
             raise EvalError(f"{self.name}: image size {batch01.shape[1:3]} is not a multiple of {f}")
+        from fvae_core.reconstruct import tile_band_bytes
+
+        band = tile_band_bytes(self.config, *batch01.shape[1:3], None)
+        if band is not None:  # large images: exact tiles (fvae_core.tiling), one image at a time
+            from fvae_core.tiling import tiled_decode, tiled_encode
+
+            lat = self.config.latent_channels
+            out = [tiled_decode(self.config, self.params, tiled_encode(self.config, self.params, to_model_range(
+                x[None].astype(np.float32)), band_bytes=band)[..., :lat], band_bytes=band) for x in batch01]
+            return np.clip(np.asarray(from_model_range(np.concatenate(out)), np.float32), 0.0, 1.0)
         run = _reconstruct_fn(self.config, "mean", "float32")
         out = []
         for i in range(0, len(batch01), self.batch_size):

@@ -41,16 +41,56 @@ def _reconstruct_fn(config: VAEConfig, mode: str, dtype_name: str):
     return run
 
 
+#: Images whose widest activation (pixels x ``block_out_channels[0]`` x 4 bytes) is above this are
+#: reconstructed tiled when no ``tile`` is given: 1 GiB is a 1448² image through sd-vae-ft-mse (128 channels),
+#: whose untiled decode holds several such activations at once.
+AUTO_TILE_BYTES = 1 << 30
+#: The band height (image rows) of automatic tiling: 64 rows of a 4096-wide sd-vae-ft-mse image are 128 MiB.
+AUTO_TILE_ROWS = 64
+
+
+def tile_band_bytes(config: VAEConfig, height: int, width: int, tile: int | None) -> int | None:
+    """The band size :mod:`fvae_core.tiling` gets for an image (``height`` x ``width`` pixels), or None for an
+    untiled reconstruction. ``tile``: None decides by size (:data:`AUTO_TILE_BYTES`); 0 never tiles; ``N > 0``
+    tiles in bands of ``N`` image rows (the widest activation's rows: ``N x width x block_out_channels[0]``
+    floats)."""
+    if tile is not None and tile < 0:
+        raise ValueError(f"tile must be >= 0 (0: never tile), got {tile}")
+    row = width * config.block_out_channels[0] * 4
+    if tile is None:
+        return AUTO_TILE_ROWS * row if height * row > AUTO_TILE_BYTES else None
+    return tile * row if tile else None
+
+
 def reconstruct_array(config: VAEConfig, params, rgb_u8: np.ndarray, *, mode: str = "mean",
-                      rng: jax.Array | None = None, dtype: str = "float32") -> np.ndarray:
-    """uint8 HxWx3 sRGB -> reconstructed uint8 HxWx3 (same size)."""
+                      rng: jax.Array | None = None, dtype: str = "float32", tile: int | None = 0,
+                      log=None) -> np.ndarray:
+    """uint8 HxWx3 sRGB -> reconstructed uint8 HxWx3 (same size). ``tile`` as :func:`tile_band_bytes`
+    (default 0: untiled); tiled, the result equals the untiled one up to float32 summation order
+    (:mod:`fvae_core.tiling`), and ``log`` is told that it was tiled."""
     if mode not in ("mean", "sample"):
         raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
     if mode == "sample" and rng is None:
         raise ValueError("mode='sample' needs an rng")
     padded, (h, w) = pad_to_multiple(rgb_u8, config.downsample_factor)
     x = to_model_range(unit_from_uint8(padded))[None]
-    y = _reconstruct_fn(config, mode, jnp.dtype(dtype).name)(params, x, rng if rng is not None else jax.random.PRNGKey(0))
+    rng = rng if rng is not None else jax.random.PRNGKey(0)
+    auto_float32_only = tile is None and jnp.dtype(dtype) != jnp.float32  # tiling computes in float32
+    band = None if auto_float32_only else tile_band_bytes(config, *padded.shape[:2], tile)
+    if band is None:
+        y = _reconstruct_fn(config, mode, jnp.dtype(dtype).name)(params, x, rng)
+    else:
+        from fvae_core.autoencoder import DiagonalGaussian
+        from fvae_core.tiling import tiled_decode, tiled_encode
+
+        if jnp.dtype(dtype) != jnp.float32:
+            raise ValueError(f"tiled reconstruction computes in float32, not {dtype}")
+        if log is not None:
+            log(f"{padded.shape[1]}x{padded.shape[0]} reconstructed in bands of {band >> 20} MiB "
+                f"(exact: whole-image GroupNorm statistics; --tile 0 for one piece)")
+        post = DiagonalGaussian.from_moments(jnp.asarray(tiled_encode(config, params, x, band_bytes=band)))
+        z = post.mode() if mode == "mean" else post.sample(rng)
+        y = tiled_decode(config, params, z, band_bytes=band)
     y = np.asarray(from_model_range(y[0, :h, :w]))
     return uint8_from_unit(y)
 
@@ -108,9 +148,10 @@ def _unique_name(stem: str, used: set[str]) -> str:
 
 def reconstruct_files(config: VAEConfig, params, paths: Sequence[str | Path], out_dir: str | Path, *,
                       mode: str = "mean", seed: int = 0, dtype: str = "float32", progress: bool = True,
-                      log=print) -> ReconstructReport:
+                      tile: int | None = None, log=print) -> ReconstructReport:
     """Reconstruct each image file into ``out_dir/<stem>.png``. A file that cannot be read is reported
-    (one line) and skipped; the others still get done."""
+    (one line) and skipped; the others still get done. ``tile``: see :func:`tile_band_bytes` (None: large
+    images are tiled, and ``log`` says so)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -130,7 +171,8 @@ def reconstruct_files(config: VAEConfig, params, paths: Sequence[str | Path], ou
             report.failed.append((p, str(e)))
             log(f"skipped: {e}")
             continue
-        y = reconstruct_array(config, params, rgb, mode=mode, rng=jax.random.fold_in(base, i), dtype=dtype)
+        y = reconstruct_array(config, params, rgb, mode=mode, rng=jax.random.fold_in(base, i), dtype=dtype,
+                              tile=tile, log=lambda m, p=p: log(f"{p}: {m}"))
         dest = out_dir / (_unique_name(p.stem, used) + ".png")
         if dest.resolve() in inputs:
             msg = f"{p}: refusing to overwrite an input image with its reconstruction; choose another --out"

@@ -289,3 +289,23 @@ def test_perturbed_encode_memo_is_keyed_by_content(images):
     assert memo.encodes == 2
     PerturbedReconstructor(vae, 0.1, 5.0, encodings=memo)(x[:2])
     assert memo.encodes == 3
+
+
+def test_large_images_are_evaluated_in_exact_tiles(images, monkeypatch):
+    """Above the size threshold (lowered here) the evaluation's VAE reconstructs image by image in exact
+    tiles: the same reconstruction as in one piece, to float32 summation order."""
+    from fvae_core import reconstruct, tiling
+    from fvae_core.evaluate import VAEReconstructor
+
+    vae = VAEReconstructor.load(str(ROOT / "weights" / "small-cpu"), "base")
+    x = np.stack([v.rgb for v in views_at(images[:2], 64)[0]]).astype(np.float32) / 255.0
+    whole = vae(x)
+    calls = []
+    real = tiling.tiled_decode
+    monkeypatch.setattr(tiling, "tiled_decode", lambda *a, **k: calls.append(k["band_bytes"]) or real(*a, **k))
+    monkeypatch.setattr(reconstruct, "AUTO_TILE_BYTES", 1000)
+    monkeypatch.setattr(reconstruct, "AUTO_TILE_ROWS", 8)
+    tiled = vae(x)
+    row = 64 * vae.config.block_out_channels[0] * 4
+    assert calls == [8 * row, 8 * row]  # one call per image, in bands of 8 rows of 64
+    np.testing.assert_allclose(tiled, whole, atol=2e-5)
