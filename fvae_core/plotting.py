@@ -329,3 +329,22 @@ def plot_estimates(estimates: Mapping[str, Estimate], *, ax=None, title: str | N
     if title:
         ax.set_title(title, fontsize=10)
     return ax
+
+
+def plot_activation_headroom(reports: Mapping[str, Sequence], *, ax=None, title: str | None = None):
+    """Max |activation| per layer (log scale, layers in network order) for one or more
+    :func:`fvae_core.precision.inspect` reports (``{label: report.layers}``), with fp16's largest finite value
+    as a line: what crosses it overflows in an fp16 decode."""
+    from fvae_core.precision import FP16_MAX
+
+    ax = _axes(ax, (8.0, 3.6))
+    for label, layers in reports.items():
+        ax.plot(range(len(layers)), [max(m.max_abs, 1e-30) for m in layers], lw=1, marker=".", ms=3, label=label)
+    ax.axhline(FP16_MAX, color="k", ls="--", lw=1, label="fp16 max (65504)")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (encoder, then decoder, in network order)")
+    ax.set_ylabel("max |activation|")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
