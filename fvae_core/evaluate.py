@@ -175,13 +175,20 @@ class EncodeMemo:
 
         self._items: dict = {}
         self._locks: dict = {}
+        self._digests: dict = {}  # id(params) -> (params, digest): the params are held, so ids are not reused
         self._lock = threading.Lock()
         self.encodes = 0
 
     def get(self, config, params, batch01: np.ndarray, encode: Callable[[], np.ndarray]) -> np.ndarray:
         import threading
 
-        key = (encoder_digest(config, params), _array_digest(batch01))
+        with self._lock:
+            hit = self._digests.get(id(params))
+        if hit is None or hit[0] is not params:
+            hit = (params, encoder_digest(config, params))
+            with self._lock:
+                self._digests[id(params)] = hit
+        key = (hit[1], _array_digest(batch01))
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
@@ -196,23 +203,15 @@ def _array_digest(a: np.ndarray) -> str:
     return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
 
 
-_ENCODER_DIGESTS: dict[int, tuple[object, str]] = {}
-
-
 def encoder_digest(config, params) -> str:
     """A content hash of what an encode computes: the config and every parameter outside the decoder
-    (``encoder``, ``quant_conv``). Memoised per params object (it holds a reference, so the id is not
-    reused while the entry lives)."""
-    hit = _ENCODER_DIGESTS.get(id(params))
-    if hit is not None and hit[0] is params:
-        return hit[1]
+    (``encoder``, ``quant_conv``)."""
     import jax
 
     h = hashlib.sha256(repr(config).encode())
     enc = {k: v for k, v in params.items() if k not in ("decoder", "post_quant_conv")}
     for path, leaf in jax.tree_util.tree_leaves_with_path(enc):
         h.update(jax.tree_util.keystr(path).encode() + _array_digest(np.asarray(leaf)).encode())
-    _ENCODER_DIGESTS[id(params)] = (params, h.hexdigest())
     return h.hexdigest()
 
 
