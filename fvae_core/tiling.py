@@ -280,12 +280,17 @@ def _runner(config: VAEConfig, ram_limit: int, band_bytes: int, attn_chunk: int,
     return _Runner(config.norm_num_groups, config.act_fn, ram_limit, band_bytes, attn_chunk, tmpdir)
 
 
-def _one(run: _Runner, x: np.ndarray, layers: Callable[[_Runner, Store], Store]) -> np.ndarray:
+def _one(run: _Runner, x: np.ndarray, layers: Callable[[_Runner], list]) -> np.ndarray:
+    """One image through ``layers(run)``, the network's steps in order (each ``Store -> Store``); a step's
+    input is freed as soon as its output exists."""
     try:
-        inp = run.store(*x.shape, stats=False)
-        inp.write(0, x)
-        out = layers(run, inp)
-        return np.array(out.read(0, out.shape[0]))
+        h = run.store(*x.shape, stats=False)
+        h.write(0, x)
+        for step in layers(run):
+            nxt = step(h)
+            run.free(h)
+            h = nxt
+        return np.array(h.read(0, h.shape[0]))
     finally:
         run.close()
 
@@ -306,7 +311,7 @@ def tiled_decode(config: VAEConfig, params, z, *, band_bytes: int = BAND_BYTES, 
     d = p["decoder"]
     rev = list(reversed(config.block_out_channels))
 
-    def layers(run: _Runner, h: Store) -> Store:
+    def layers(run: _Runner) -> list:
         steps = []
         if config.use_post_quant_conv:
             steps.append(lambda s: run.conv(s, p["post_quant_conv"], stats=False))
@@ -318,11 +323,7 @@ def tiled_decode(config: VAEConfig, params, z, *, band_bytes: int = BAND_BYTES, 
             if i < len(rev) - 1:
                 steps.append(lambda s, i=i: run.conv(s, d[f"up_blocks_{i}_upsamplers_0_conv"], upsample=True))
         steps.append(lambda s: run.conv(s, d["conv_out"], norm=d["conv_norm_out"], act="silu", stats=False))
-        for step in steps:
-            nxt = step(h)
-            run.free(h)
-            h = nxt
-        return h
+        return steps
 
     return np.stack([_one(_runner(config, ram_limit, band_bytes, attn_chunk, tmpdir), zi, layers) for zi in z])
 
@@ -340,7 +341,7 @@ def tiled_encode(config: VAEConfig, params, x, *, band_bytes: int = BAND_BYTES, 
     e = p["encoder"]
     n = len(config.block_out_channels)
 
-    def layers(run: _Runner, h: Store) -> Store:
+    def layers(run: _Runner) -> list:
         steps = [lambda s: run.conv(s, e["conv_in"])]
         for i in range(n):
             for j in range(config.layers_per_block):
@@ -352,10 +353,6 @@ def tiled_encode(config: VAEConfig, params, x, *, band_bytes: int = BAND_BYTES, 
                                         stats=False))
         if config.use_quant_conv:
             steps.append(lambda s: run.conv(s, p["quant_conv"], stats=False))
-        for step in steps:
-            nxt = step(h)
-            run.free(h)
-            h = nxt
-        return h
+        return steps
 
     return np.stack([_one(_runner(config, ram_limit, band_bytes, attn_chunk, tmpdir), xi, layers) for xi in x])
