@@ -103,11 +103,10 @@ class VAEReconstructor:
 
         band = tile_band_bytes(self.config, *batch01.shape[1:3], None)
         if band is not None:  # large images: exact tiles (fvae_core.tiling), one image at a time
-            from fvae_core.tiling import tiled_decode, tiled_encode
+            from fvae_core.tiling import tiled_reconstruct
 
-            lat = self.config.latent_channels
-            out = [tiled_decode(self.config, self.params, tiled_encode(self.config, self.params, to_model_range(
-                x[None].astype(np.float32)), band_bytes=band)[..., :lat], band_bytes=band) for x in batch01]
+            out = [tiled_reconstruct(self.config, self.params, to_model_range(x[None].astype(np.float32)),
+                                     band_bytes=band) for x in batch01]
             return np.clip(np.asarray(from_model_range(np.concatenate(out)), np.float32), 0.0, 1.0)
         run = _reconstruct_fn(self.config, "mean", "float32")
         out = []

@@ -80,17 +80,14 @@ def reconstruct_array(config: VAEConfig, params, rgb_u8: np.ndarray, *, mode: st
     if band is None:
         y = _reconstruct_fn(config, mode, jnp.dtype(dtype).name)(params, x, rng)
     else:
-        from fvae_core.autoencoder import DiagonalGaussian
-        from fvae_core.tiling import tiled_decode, tiled_encode
+        from fvae_core.tiling import tiled_reconstruct
 
         if jnp.dtype(dtype) != jnp.float32:
             raise ValueError(f"tiled reconstruction computes in float32, not {dtype}")
         if log is not None:
             log(f"{padded.shape[1]}x{padded.shape[0]} reconstructed in bands of {band >> 20} MiB "
                 f"(exact: whole-image GroupNorm statistics; --tile 0 for one piece)")
-        post = DiagonalGaussian.from_moments(jnp.asarray(tiled_encode(config, params, x, band_bytes=band)))
-        z = post.mode() if mode == "mean" else post.sample(rng)
-        y = tiled_decode(config, params, z, band_bytes=band)
+        y = tiled_reconstruct(config, params, x, band_bytes=band, rng=rng if mode == "sample" else None)
     y = np.asarray(from_model_range(y[0, :h, :w]))
     return uint8_from_unit(y)
 

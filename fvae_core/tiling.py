@@ -40,7 +40,7 @@ import numpy as np
 
 from fvae_core.autoencoder import VAEConfig, _attend, _conv_layer, group_norm_apply
 
-__all__ = ["Store", "TileError", "tiled_decode", "tiled_encode", "band_rows"]
+__all__ = ["Store", "TileError", "tiled_decode", "tiled_encode", "tiled_reconstruct", "band_rows"]
 
 GN_EPS = 1e-6  # diffusers' VAE GroupNorm eps (autoencoder.GroupNorm's default)
 
@@ -356,3 +356,13 @@ def tiled_encode(config: VAEConfig, params, x, *, band_bytes: int = BAND_BYTES, 
         return steps
 
     return np.stack([_one(_runner(config, ram_limit, band_bytes, attn_chunk, tmpdir), xi, layers) for xi in x])
+
+
+def tiled_reconstruct(config: VAEConfig, params, x, *, band_bytes: int = BAND_BYTES, rng=None) -> np.ndarray:
+    """Encode NHWC [-1, 1] images ``x`` to the posterior mean (or, with ``rng``, a sample) and decode, both
+    tiled: what ``AutoencoderKL`` reconstructs, in bounded memory ([-1, 1], not clamped)."""
+    from fvae_core.autoencoder import DiagonalGaussian
+
+    post = DiagonalGaussian.from_moments(jnp.asarray(tiled_encode(config, params, x, band_bytes=band_bytes)))
+    z = post.mode() if rng is None else post.sample(rng)
+    return tiled_decode(config, params, z, band_bytes=band_bytes)
