@@ -377,6 +377,16 @@ class Trainer:
                            np.float32) for i in range(steps)]
         return rows[0] if steps == 1 else np.stack(rows)
 
+    def host_step_inputs(self, first: int, steps: int = 1) -> dict:
+        """What ``fvae train`` feeds a call beside the images: ``"pixel_weights"`` (:meth:`host_pixel_weights`)
+        and, where the recipe's spaces can be inputs, ``"spaces"`` (:func:`spaces_input`, one row per step
+        for ``steps > 1``)."""
+        out = {"pixel_weights": self.host_pixel_weights(first, steps)}
+        spaces = spaces_input(self.recipe)
+        if spaces is not None:
+            out["spaces"] = spaces if steps == 1 else np.stack([spaces] * steps)
+        return out
+
     def critic_step_fn(self) -> Callable:
         """``critic_step(state, batch, rng) -> (state, metrics)``: a critic-only update (jitted, state
         donated), for several critic iterations per generator step (WGAN-GP's n_critic). ``batch["fake"]``
@@ -416,6 +426,33 @@ def pixel_weights_at(recipe: RecipeConfig, step) -> tuple:
     if recipe.mae_schedule:
         return furception_pixel_weights(step, steps=recipe.mae_schedule_steps)
     return recipe.w_mae, recipe.w_mse
+
+
+#: The colour spaces a train step can take as an input (``batch["spaces"]``, :func:`spaces_input`).
+INPUT_SPACES = ("srgb", "oklab")
+
+
+def spaces_input(recipe: RecipeConfig) -> np.ndarray | None:
+    """``batch["spaces"]``: float32 ``[2]``, 1.0 where the loss space (first) or the critic space (second)
+    is Oklab and 0.0 where it is sRGB; None when either is another space (it is then compiled in). Fed as
+    an input, the space leaves the compiled program: the card's run and its ``srgb-loss`` ablation then
+    share one program, as the pixel weights let ``mae-only`` and ``mse-only`` share it
+    (:func:`pixel_weights_at`). The step computes both spaces' values and selects one (:func:`_in_space`):
+    elementwise work on the decoded batch, against a second compile of the whole step (about 2.5 min of
+    CPU on the suite's finetune)."""
+    if recipe.loss_space not in INPUT_SPACES or recipe.critic_space not in INPUT_SPACES:
+        return None
+    return np.asarray([recipe.loss_space == "oklab", recipe.critic_space == "oklab"], np.float32)
+
+
+def _in_space(f, space: str, flag):
+    """``f(space)``, or with an input ``flag`` (from :func:`spaces_input`) ``f("oklab")`` where it is 1 and
+    ``f("srgb")`` where it is 0: a select, so the value is exactly the chosen space's, and so is the
+    gradient (the other branch's cotangent is 0, and both branches have finite slopes everywhere:
+    :func:`fvae_core.color.signed_cbrt`)."""
+    if flag is None:
+        return f(space)
+    return jnp.where(flag > 0.5, f("oklab"), f("srgb"))
 
 
 def _kl_term(post, image_shape) -> jax.Array:
@@ -709,10 +746,11 @@ def _cached_jit(key, fn, step: bool = True, activation_elements: int | None = No
 
 
 def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel,
-                    pixel_weights=None):
+                    pixel_weights=None, spaces=None):
     """Gradient of the generator's total loss w.r.t. the trainable params, its metrics, and the (detached)
     decoded images: ``L = L_rec + kl_weight KL + w L_adv`` with one decoder backward (module docstring).
-    ``pixel_weights``: ``(w_mae, w_mse)`` as an input (:func:`pixel_weights_at`), else computed in the step."""
+    ``pixel_weights``: ``(w_mae, w_mse)`` as an input (:func:`pixel_weights_at`), else computed in the step;
+    ``spaces``: the loss and critic spaces as an input (:func:`spaces_input`), else the recipe's."""
     r, model, critic = trainer.recipe, trainer.model, trainer.critic
     xm = to_model_range(x01)
     rng_z = jax.random.fold_in(rng, 1)
@@ -742,7 +780,9 @@ def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, l
     xm_target = lax.stop_gradient(xm)
 
     def rec_loss(y):
-        pix = pixel_loss(from_model_range(y), x01, r.loss_space, w_mae, w_mse, r.channel_weights)
+        y01 = from_model_range(y)
+        pix = _in_space(lambda sp: pixel_loss(y01, x01, sp, w_mae, w_mse, r.channel_weights), r.loss_space,
+                        None if spaces is None else spaces[0])
         lp = lpips_distance(lpips, y, xm_target, dtype=r.dtype, check=False) if r.lpips_weight else jnp.zeros_like(pix)
         return jnp.mean(pix) + r.lpips_weight * jnp.mean(lp), (jnp.mean(pix), jnp.mean(lp))
 
@@ -754,7 +794,8 @@ def generator_grads(trainer: Trainer, phase: str, state: TrainState, x01, rng, l
         objective = trainer.objective
 
         def adv_loss(y):
-            d = critic.apply({"params": state.critic_params}, critic_input(y, r.critic_space))
+            d = critic.apply({"params": state.critic_params},
+                             _in_space(partial(critic_input, y), r.critic_space, None if spaces is None else spaces[1]))
             return jnp.mean(objective.generator_loss(d))
 
         adv, g_adv = jax.value_and_grad(adv_loss)(y)
@@ -822,9 +863,9 @@ def _update_if(ok, update, operands):
 
 
 def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng, lpips: LPIPSModel,
-                      accum: int = 1, pixel_weights=None):
+                      accum: int = 1, pixel_weights=None, spaces=None):
     grads, metrics, fake = _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum,
-                                                        pixel_weights)
+                                                        pixel_weights, spaces)
     r = trainer.recipe
     # NaN guard: a non-finite loss or gradient skips the whole update (params, moments, EMA).
     ok = all_finite(grads, metrics["loss/total"])
@@ -840,7 +881,8 @@ def _generator_update(trainer: Trainer, phase: str, state: TrainState, x01, rng,
     return state.replace(params=params, opt_state=opt_state, ema=ema), metrics, fake
 
 
-def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: int, pixel_weights=None):
+def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: int, pixel_weights=None,
+                                 spaces=None):
     """:func:`generator_grads` over ``accum`` equal micro-batches of ``x01``, gradients and metrics averaged.
 
     Each micro-batch gets its own adaptive weight, as LDM's loss does under Lightning's
@@ -848,7 +890,7 @@ def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: 
     :func:`generator_grads`.
     """
     if accum == 1:
-        return generator_grads(trainer, phase, state, x01, rng, lpips, pixel_weights)
+        return generator_grads(trainer, phase, state, x01, rng, lpips, pixel_weights, spaces)
     b = x01.shape[0]
     if b % accum:
         raise ValueError(f"batch {b} is not divisible by grad_accum {accum}")
@@ -857,7 +899,7 @@ def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: 
 
     def micro(acc, inp):
         x_i, rng_i = inp
-        g, m, fake = generator_grads(trainer, phase, state, x_i, rng_i, lpips, pixel_weights)
+        g, m, fake = generator_grads(trainer, phase, state, x_i, rng_i, lpips, pixel_weights, spaces)
         return jax.tree_util.tree_map(jnp.add, acc, g), (m, fake)
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -868,10 +910,11 @@ def _accumulated_generator_grads(trainer, phase, state, x01, rng, lpips, accum: 
     return grads, metrics, fakes.reshape((b,) + fakes.shape[2:])
 
 
-def _critic_update(trainer: Trainer, state: TrainState, real_m, fake_m, rng):
+def _critic_update(trainer: Trainer, state: TrainState, real_m, fake_m, rng, spaces=None):
     r, critic, objective = trainer.recipe, trainer.critic, trainer.objective
-    real = critic_input(real_m, r.critic_space)
-    fake = critic_input(fake_m, r.critic_space)
+    flag = None if spaces is None else spaces[1]
+    real = _in_space(partial(critic_input, real_m), r.critic_space, flag)
+    fake = _in_space(partial(critic_input, fake_m), r.critic_space, flag)
 
     def loss_fn(cp):
         critic_fn = lambda x: critic.apply({"params": cp}, x)  # noqa: E731
@@ -899,9 +942,9 @@ def _train_step(trainer: Trainer, phase: str, accum: int, state: TrainState, bat
     x01 = batch["image"].astype(jnp.float32)
     rng_g, rng_c = jax.random.split(rng)
     state, metrics, fake = _generator_update(trainer, phase, state, x01, rng_g, lpips, accum,
-                                             batch.get("pixel_weights"))
+                                             batch.get("pixel_weights"), batch.get("spaces"))
     if phase != "rec":
-        state, cm = _critic_update(trainer, state, to_model_range(x01), fake, rng_c)
+        state, cm = _critic_update(trainer, state, to_model_range(x01), fake, rng_c, batch.get("spaces"))
         metrics.update(cm)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return state.replace(step=state.step + 1), metrics
@@ -941,5 +984,5 @@ def _critic_step(trainer: Trainer, state: TrainState, batch, rng):
         post = model.apply({"params": p}, to_model_range(x01), method=model.encode)
         z = post.sample(rng_z) if r.latent == "sample" else post.mode()
         fake = lax.stop_gradient(model.apply({"params": p}, z, method=model.decode))
-    state, metrics = _critic_update(trainer, state, to_model_range(x01), fake, rng_c)
+    state, metrics = _critic_update(trainer, state, to_model_range(x01), fake, rng_c, batch.get("spaces"))
     return state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}

@@ -291,6 +291,29 @@ def test_perturbed_encode_memo_is_keyed_by_content(images):
     assert memo.encodes == 3
 
 
+def test_vae_reconstructors_sharing_encodes(images):
+    """Reconstructors sharing an EncodeMemo (what fvae eval and the suite's evaluation do) encode each image
+    set once per encoder and reconstruct what each would alone (the same jitted encode and decode as one
+    fused call: equal to float32 rounding, bit-identical as measured); another encoder is encoded afresh."""
+    import jax
+
+    from fvae_core.evaluate import EncodeMemo, VAEReconstructor
+
+    vae = VAEReconstructor.load(str(ROOT / "weights" / "small-cpu"), "base", batch_size=2)
+    x = np.stack([v.rgb for v in views_at(images[:3], 64)[0]]).astype(np.float32) / 255.0
+    scaled = lambda tree: jax.tree_util.tree_map(lambda w: w * 1.01, tree)  # noqa: E731
+    finetune = dataclasses.replace(vae, name="ft", params={**vae.params, "decoder": scaled(vae.params["decoder"])})
+    other = dataclasses.replace(vae, name="other", params={**vae.params, "encoder": scaled(vae.params["encoder"])})
+    memo = EncodeMemo()
+    outs = {}
+    for v in (vae, finetune, other):
+        alone = v(x)
+        outs[v.name] = dataclasses.replace(v, encodings=memo)(x)
+        np.testing.assert_allclose(outs[v.name], alone, atol=1e-6)
+    assert memo.encodes == 2  # the base and the finetune share one encode; the other encoder has its own
+    assert np.max(np.abs(outs["ft"] - outs["base"])) > 1e-3 and np.max(np.abs(outs["other"] - outs["base"])) > 1e-3
+
+
 def test_large_images_are_evaluated_in_exact_tiles(images, monkeypatch):
     """Above the size threshold (lowered here) the evaluation's VAE reconstructs image by image in exact
     tiles: the same reconstruction as in one piece, to float32 summation order."""

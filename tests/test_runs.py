@@ -236,8 +236,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_halts_cleanly(cache, tmp_path,
 
     real = train_steps.generator_grads
 
-    def poisoned(trainer, phase, state, x01, rng, lpips, pixel_weights=None):
-        grads, metrics, fake = real(trainer, phase, state, x01, rng, lpips, pixel_weights)
+    def poisoned(trainer, phase, state, x01, rng, lpips, pixel_weights=None, spaces=None):
+        grads, metrics, fake = real(trainer, phase, state, x01, rng, lpips, pixel_weights, spaces)
         bad = state.step >= 2
         grads = jax.tree_util.tree_map(lambda g: jnp.where(bad, g * jnp.nan, g), grads)
         return grads, metrics, fake
@@ -337,3 +337,17 @@ def test_auto_steps_per_call_stops_where_the_program_changes_only():
     assert steps_per_call(replace(cfg, recipe=rec)) == 4
     assert steps_per_call(replace(cfg, recipe=replace(rec, critic_start=6))) == 2
     assert steps_per_call(replace(cfg, ckpt_every=150)) == 2
+
+
+def test_training_process_does_not_import_torch(tmp_path):
+    """tensorboardX's writer imports torch whenever it is installed; the training path must not (the run
+    log blocks it while tensorboardX loads). Scalars and an image still reach the event file."""
+    code = ("import sys, numpy as np, fvae_core.runs.train, fvae_core.train_steps, fvae_core.data.loader; "
+            "from fvae_core.runs.log import RunLog; "
+            f"log = RunLog({str(tmp_path)!r}); log.scalars(1, {{'loss': 0.5}}); "
+            "log.image(1, 'x', np.zeros((4, 4, 3), np.uint8)); log.close(); "
+            "assert 'torch' not in sys.modules, 'torch imported'; import torch; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100

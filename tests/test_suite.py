@@ -74,14 +74,16 @@ def test_cached_runs_reports_a_failed_child_with_its_reason(tmp_path, monkeypatc
 
 
 def test_runs_sharing_a_program_are_not_started_together():
-    """The card and its mae-only / mse-only ablations differ only in step inputs (one program key); the
-    suite's ablations are started so that no two of one program start at once, and a config that changes
-    the step (sRGB loss, no GAN, hinge) has its own key."""
+    """The card and its mae-only / mse-only / srgb-loss ablations differ only in step inputs (one program
+    key); the suite's ablations are started so that no two of one program start at once, and a config that
+    changes the step (no GAN, hinge) has its own key."""
     s = suite.settings(smoke=False)
     cfgs = {n: suite.finetune_config(s, ROOT / "weights" / suite.BASE, n) for n in suite.ABLATIONS}
     keys = {n: cache.program_key(c) for n, c in cfgs.items()}
-    assert keys["card"] == keys["mae-only"] == keys["mse-only"]
-    assert len({keys[n] for n in ("card", "srgb-loss", "no-gan", "hinge-gan")}) == 4
+    assert keys["card"] == keys["mae-only"] == keys["mse-only"] == keys["srgb-loss"]
+    assert len({keys[n] for n in ("card", "no-gan", "hinge-gan")}) == 3
+    linear = dataclasses.replace(cfgs["card"], recipe=dataclasses.replace(cfgs["card"].recipe, loss_space="linear"))
+    assert cache.program_key(linear) != keys["card"]  # a space that is not an input is compiled in
     assert len({cache.config_key(c) for c in cfgs.values()}) == 6  # the runs themselves stay distinct
     queue, running, order = list(cfgs.values()), [], []
     while queue:  # two workers; the oldest finishes first
@@ -90,5 +92,5 @@ def test_runs_sharing_a_program_are_not_started_together():
         cfg = queue.pop(cache._next_to_start(queue, running))
         running.append(cfg)
         order.append(cfg.name.split("/")[-1])
-    assert order[:2] == ["small-cpu-finetune", "srgb-loss"], order
+    assert order == ["small-cpu-finetune", "no-gan", "mae-only", "hinge-gan", "mse-only", "srgb-loss"], order
     assert cache._next_to_start([cfgs["mae-only"]], [cfgs["card"]]) == 0  # nothing else to start: start it

@@ -513,5 +513,49 @@ def test_pixel_weight_ablations_share_one_program(lp, batch):
 
     card_hlo = hlo(card)
     assert hlo(recipes["mae-only"]) == card_hlo and hlo(recipes["mse-only"]) == card_hlo
-    assert hlo(recipes["srgb-loss"]) != card_hlo
+    assert hlo(recipes["srgb-loss"]) != card_hlo  # the spaces not fed: compiled in
     assert hlo(card, feed=False) != hlo(recipes["mae-only"], feed=False)
+
+    def hlo_fed(recipe):
+        tr = Trainer(recipe, CFG)
+        b = {**batch, **tr.host_step_inputs(0)}
+        text = jax.jit(tr.raw_step("gan")).lower(state, b, jax.random.PRNGKey(0), lp).as_text()
+        return "\n".join(line.split(" loc(")[0] for line in text.splitlines() if not line.startswith("#loc"))
+
+    fed = hlo_fed(card)
+    assert all(hlo_fed(recipes[n]) == fed for n in ("mae-only", "mse-only", "srgb-loss"))
+    assert hlo_fed(dataclasses.replace(card, adaptive_ratio=0.25)) != fed  # a constant of the step
+
+
+def test_spaces_fed_as_input_equal_the_compiled_ones(lp, batch):
+    """``fvae train`` feeds the loss and critic spaces as ``batch["spaces"]`` (Trainer.host_step_inputs): a
+    step fed them must equal one that has them compiled in, for the card (Oklab, Oklab), the srgb-loss
+    ablation (sRGB, sRGB) and the two mixed choices, in the GAN phase (critic and generator both use them)."""
+    from fvae_core.train_steps import spaces_input
+
+    card = dataclasses.replace(BASE, gan="wgan-gp", critic_start=0, disc_start=0, mae_schedule=True,
+                               mae_schedule_steps=300)
+    losses = {}
+    for loss_space, critic_space in (("oklab", "oklab"), ("srgb", "srgb"), ("srgb", "oklab"), ("oklab", "srgb")):
+        recipe = dataclasses.replace(card, loss_space=loss_space, critic_space=critic_space)
+        tr = Trainer(recipe, CFG)
+        fed = tr.host_step_inputs(0)
+        np.testing.assert_array_equal(fed["spaces"], [loss_space == "oklab", critic_space == "oklab"])
+        state0 = tr.init_state(init_params(CFG, 0), jax.random.PRNGKey(1), 32)
+        runs = []
+        for b in ({**batch, **fed}, {**batch, "pixel_weights": fed["pixel_weights"]}):
+            copy = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state0)
+            runs.append(tr.step_fn("gan", lp)(copy, b, jax.random.PRNGKey(3)))
+        (s_in, m_in), (s_own, m_own) = runs
+        for k in m_own:
+            np.testing.assert_allclose(float(m_in[k]), float(m_own[k]), rtol=2e-5, atol=1e-6,
+                                       err_msg=f"{loss_space}/{critic_space} {k}")
+        for part in ("params", "critic_params"):
+            a, b = _leaves(getattr(s_in, part)), _leaves(getattr(s_own, part))
+            diff = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)])
+            assert diff.max() <= 2 * recipe.lr and np.mean(diff > 1e-6) < 0.01, (loss_space, critic_space, part)
+        losses[(loss_space, critic_space)] = (float(m_own["loss/pixel"]), float(m_own["critic/d_real"]))
+    # the spaces really change the step: a select that ignored its flag could not pass the loop by accident
+    assert losses[("oklab", "oklab")][0] != losses[("srgb", "oklab")][0]
+    assert losses[("oklab", "oklab")][1] != losses[("oklab", "srgb")][1]
+    assert spaces_input(dataclasses.replace(card, loss_space="linear")) is None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fvae_core.runs.config import ABLATIONS, ConfigError, RunConfig, load_config, to_dict
-from fvae_core.train_steps import RecipeConfig
+from fvae_core.train_steps import RecipeConfig, spaces_input
 
 
 def _weights_fingerprint(init: str | None) -> str | None:
@@ -48,13 +48,18 @@ def config_key(cfg: RunConfig) -> str:
 #: Recipe fields a train step takes as an input (``batch["pixel_weights"]``,
 #: :func:`fvae_core.train_steps.pixel_weights_at`), so configs differing only in them compile one program.
 PROGRAM_INPUT_FIELDS = ("mae_schedule", "mae_schedule_steps", "w_mae", "w_mse")
+#: The same for the colour spaces (``batch["spaces"]``), where both are sRGB or Oklab
+#: (:func:`fvae_core.train_steps.spaces_input`).
+SPACE_INPUT_FIELDS = ("loss_space", "critic_space")
 
 
 def program_key(cfg: RunConfig) -> str:
-    """:func:`config_key` without the recipe fields that are step inputs (:data:`PROGRAM_INPUT_FIELDS`): runs
+    """:func:`config_key` without the recipe fields that are step inputs (:data:`PROGRAM_INPUT_FIELDS`,
+    :data:`SPACE_INPUT_FIELDS`): runs
     with one program key compile the same train step, so the second loads it from jax's persistent cache
     if it starts after the first has compiled (:func:`cached_runs` orders them so)."""
-    rec = {f: getattr(RecipeConfig(), f) for f in PROGRAM_INPUT_FIELDS}
+    fields = PROGRAM_INPUT_FIELDS + (SPACE_INPUT_FIELDS if spaces_input(cfg.recipe) is not None else ())
+    rec = {f: getattr(RecipeConfig(), f) for f in fields}
     return config_key(dataclasses.replace(cfg, name="", recipe=dataclasses.replace(cfg.recipe, **rec)))
 
 

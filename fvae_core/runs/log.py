@@ -20,6 +20,23 @@ from pathlib import Path
 __all__ = ["RunLog", "environment_record"]
 
 
+def summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without torch. tensorboardX's writer imports torch whenever
+    it is installed (only to accept torch tensors, which fvae never passes): 3.5 s of import and a few
+    hundred MB in every training process, and the training path must not import torch. So ``torch`` is
+    marked unimportable while tensorboardX loads, unless something imported it already."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # "import torch" raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class RunLog:
     def __init__(self, run_dir, *, resume_step: int | None = None, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -28,9 +45,7 @@ class RunLog:
         self._f = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+            self._tb = summary_writer_class()(str(Path(run_dir) / "tb"), purge_step=resume_step)
         if resume_step is not None:
             self.event("resume", resume_step)
 

@@ -327,7 +327,7 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
         if (phase, n) not in steps:
             size = activation_elements(vae_config, cfg.micro_batch, cfg.data.crop)
             b_sh = batch_sh if n == 1 else stacked_sh
-            shardings = (state_sh, {"image": b_sh, "pixel_weights": repl}, repl, repl)
+            shardings = (state_sh, {"image": b_sh, **{k: repl for k in args[1] if k != "image"}}, repl, repl)
             key = (trainer, phase, cfg.grad_accum, n, size, _avals(args), _avals(shardings))
             steps[(phase, n)] = _reuse_compiled(key, lambda: compile_step(
                 trainer.raw_call(phase, cfg.grad_accum, n), args, size, donate_argnums=(0,),
@@ -456,11 +456,11 @@ def train(cfg: RunConfig, run_dir, *, resume: bool = False, progress: bool = Tru
             # the same batches and keys as n calls of one step
             x = put_batch(images[0]) if n == 1 else put_batch(np.stack(images), stacked_sh)
             rng = jax.device_put(step_keys(jax.random.PRNGKey(cfg.seed), step, n), repl)
-            # an input, not a constant: the card and its mae-only / mse-only ablations share one program
-            weights = jax.device_put(trainer.host_pixel_weights(step, n), repl)
+            # inputs, not constants: the card and its mae-only, mse-only and srgb-loss ablations share one program
+            inputs = jax.device_put(trainer.host_step_inputs(step, n), repl)
             del images
             t_call = time.perf_counter()
-            args = (state, {"image": x, "pixel_weights": weights}, rng, lpips)
+            args = (state, {"image": x, **inputs}, rng, lpips)
             state, metrics = step_for(phase, n, args)(*args)
             del args  # the donated state
             rows = jax.device_get(metrics)
