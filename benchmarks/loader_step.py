@@ -94,7 +94,8 @@ def main(argv=None):
         def run(batches):
             images = [np.asarray(b["image"], np.float32) / 255.0 for b in batches]
             x = jax.device_put(images[0] if n == 1 else np.stack(images))
-            args = (holder["state"], {"image": x}, step_keys(jax.random.PRNGKey(0), holder["i"], n), lp)
+            inputs = trainer.host_step_inputs(holder["i"], n)  # the step inputs fvae train feeds
+            args = (holder["state"], {"image": x, **inputs}, step_keys(jax.random.PRNGKey(0), holder["i"], n), lp)
             if holder["step"] is None:  # as fvae train: compiled at the first batch, then jax's caches dropped
                 holder["step"] = compile_step(trainer.raw_call(phase, cfg.grad_accum, n), args, size,
                                               donate_argnums=(0,))

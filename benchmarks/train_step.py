@@ -431,7 +431,9 @@ def _fvae_setup(spec, params):
     assert trainer.phase_for_step(spec["step"]) == "adversarial"
     n = _steps_per_call(spec)
     images = [_images(spec, seed=i) for i in range(n)]
-    batch = {"image": jnp.asarray(images[0] if n == 1 else np.stack(images))}
+    # with the step inputs fvae train feeds (pixel weights, colour spaces): the same program as a run
+    batch = {"image": jnp.asarray(images[0] if n == 1 else np.stack(images)),
+             **trainer.host_step_inputs(spec["step"], n)}
     rng = _call_keys(n, 0)
     t = time.perf_counter()
     size = activation_elements(trainer.vae_config, spec["batch"], spec["size"])  # as fvae_core.runs.train

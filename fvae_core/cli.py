@@ -515,6 +515,7 @@ def _reexec_with_host_tunables(args) -> None:
 
 def main(argv=None) -> int:
     from fvae_core.images import ImageError
+    from fvae_core.runs.checkpoint import CheckpointError
     from fvae_core.weights import WeightError
 
     args = build_parser().parse_args(argv)
@@ -522,7 +523,7 @@ def main(argv=None) -> int:
         _reexec_with_host_tunables(args)
     try:
         return args.func(args)
-    except (UsageError, ConfigError, WeightError, ImageError) as e:
+    except (UsageError, ConfigError, WeightError, ImageError, CheckpointError) as e:
         print(f"fvae: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # unwritable output, a file where a folder is expected, disk full, ...

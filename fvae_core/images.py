@@ -24,10 +24,12 @@ Every failure is an :class:`ImageError` with a one-line message naming the file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import os
 import secrets
+import stat
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -37,8 +39,8 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from fvae_core.conventions import uint8_from_unit, unit_from_uint8
 
-__all__ = ["IMAGE_SUFFIXES", "Decoded", "ImageError", "decode_image", "find_images", "load_rgb", "save_png",
-           "scan_folder"]
+__all__ = ["IMAGE_SUFFIXES", "Decoded", "ImageError", "decode_image", "find_images", "load_rgb", "open_regular",
+           "save_png", "scan_folder"]
 
 #: File suffixes (lower case) that :func:`find_images` treats as images.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -104,12 +106,14 @@ def decode_image(source, *, name=None, background=(255, 255, 255), max_pixels: i
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     notes = []
     try:
-        if (len(source) if is_bytes else label.stat().st_size) == 0:
-            raise _Unsupported("empty file (0 bytes)")
-        with warnings.catch_warnings(), _pixel_limit(max_pixels):
-            # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; we refuse both.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if is_bytes else label) as img:
+        with contextlib.ExitStack() as files:
+            fh = io.BytesIO(source) if is_bytes else files.enter_context(open_regular(label))
+            if (len(source) if is_bytes else os.fstat(fh.fileno()).st_size) == 0:
+                raise _Unsupported("empty file (0 bytes)")
+            with warnings.catch_warnings(), _pixel_limit(max_pixels):
+                # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; we refuse both.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = files.enter_context(Image.open(fh))
                 frames = getattr(img, "n_frames", 1)
                 img.load()  # decode now, inside the try: truncation surfaces here
                 if img.width == 0 or img.height == 0:
@@ -133,6 +137,34 @@ def decode_image(source, *, name=None, background=(255, 255, 255), max_pixels: i
     if alpha is not None and alpha.min() < 255:
         notes.append(f"transparency composited over {tuple(int(v) for v in bg)}")
     return Decoded(_composite(rgb, alpha, bg, premultiplied), mode, tuple(notes))
+
+
+def open_regular(path):
+    """``path`` opened for binary reading; an OSError (one line: "not a regular file (a FIFO)") for anything
+    but a regular file, decided before a byte is read and without blocking. A FIFO named ``pipe.png`` in a
+    source folder made ``fvae data prepare`` wait forever at "hashing". The path is checked with ``stat``
+    before it is opened (opening some devices has side effects), then opened non-blocking (which never
+    waits on a FIFO) and checked again with ``fstat`` on the open descriptor (no race with a swap of the
+    path). Every image read of fvae goes through this."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(mode)})", str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(mode)})", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
+            "a folder" if stat.S_ISDIR(mode) else "a special file")
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from functools import partial
 from typing import Any, Callable
@@ -103,6 +104,11 @@ class RecipeConfig:
 
         if self.stage not in STAGES:
             bad(f"stage {self.stage!r} not in {STAGES}")
+        for f in dataclasses.fields(self):  # NaN or inf in any float would train into NaN weights
+            v = getattr(self, f.name)
+            for x in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(x, (float, np.floating)) and not math.isfinite(x):
+                    bad(f"{f.name} {x!r} is not a finite number")
         if self.loss_space not in LOSS_SPACES:
             bad(f"loss_space {self.loss_space!r} not in {LOSS_SPACES}")
         if self.latent not in ("sample", "mean"):
@@ -452,6 +458,9 @@ def _in_space(f, space: str, flag):
     :func:`fvae_core.color.signed_cbrt`)."""
     if flag is None:
         return f(space)
+    if space not in INPUT_SPACES:
+        raise ValueError(f"a {space!r} space cannot be fed as an input (only {INPUT_SPACES}): do not feed "
+                         "batch['spaces'] for this recipe")
     return jnp.where(flag > 0.5, f("oklab"), f("srgb"))
 
 

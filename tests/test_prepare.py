@@ -604,3 +604,85 @@ def test_shards_roll_over(tmp_path):
     assert meta["splits"]["train"]["shards"] == ["train-00000.array_record", "train-00001.array_record",
                                                  "train-00002.array_record"]
     assert report.used == 7 and len(stored_records(tmp_path / "out")) == 7
+
+
+# --------------------------------------------------------------------------- special files (issue 31, item 6)
+@pytest.fixture
+def no_hang():
+    """A test that would block forever (reading a FIFO) fails after 20 s instead."""
+    import signal
+
+    def timeout(*_):
+        raise TimeoutError("blocked: a special file was read as a regular one")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def special_folder(root: Path) -> tuple[Path, dict]:
+    """Two noise PNGs, a FIFO and a Unix socket with image names, and a FIFO without one."""
+    import os
+    import socket
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="fvae-special-"))  # a socket path has <= 107 bytes
+    good = write_noise_pngs(folder, ["a.png", "b.png"], seed=11)
+    os.mkfifo(folder / "pipe.png")
+    os.mkfifo(folder / "pipe.txt")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.jpg"))
+    return folder, {"good": good, "sock": sock}
+
+
+def test_special_files_are_skipped_with_a_reason_not_waited_on(tmp_path, no_hang):
+    """A FIFO named ``pipe.png`` made ``fvae data prepare`` hang at "hashing"; a socket or a device is no
+    better. Each is reported with its reason and the regular images are prepared; a FIFO without an image
+    suffix is only listed as ignored (never opened)."""
+    import shutil
+
+    folder, made = special_folder(tmp_path)
+    try:
+        report = run([folder], tmp_path / "out", PrepareConfig(min_side=8, val_fraction=0.0))
+        reasons = {Path(s["item"]).name: s["reason"] for s in report.skipped}
+        assert reasons == {"pipe.png": "unreadable: not a regular file (a FIFO)",
+                           "sock.jpg": "unreadable: not a regular file (a socket)"}, reasons
+        assert report.splits == {"train": 2, "val": 0}
+        assert any("pipe.txt" in f for f in report.ignored[str(folder)])
+        text = read_outputs(tmp_path / "out").text
+        assert "not a regular file (a FIFO)" in text and "not a regular file (a socket)" in text
+    finally:
+        made["sock"].close()
+        shutil.rmtree(folder)
+
+
+def test_special_files_in_eval_and_reconstruct(tmp_path, no_hang, capsys):
+    """``fvae eval``'s image gathering skips them with the reason; ``fvae reconstruct`` given a FIFO and a
+    device among its inputs reconstructs the rest and reports each (exit 1)."""
+    import os
+    import shutil
+
+    from fvae_core.evaluate import gather_images
+    from fvae_core.images import ImageError, load_rgb
+
+    folder, made = special_folder(tmp_path)
+    try:
+        images, skipped = gather_images([str(folder)], log=lambda m: None)
+        assert len(images) == 2
+        assert {Path(s["item"]).name: s["reason"] for s in skipped} == {
+            "pipe.png": "unreadable: not a regular file (a FIFO)",
+            "sock.jpg": "unreadable: not a regular file (a socket)"}
+        with pytest.raises(ImageError, match=r"not a regular file \(a character device\)"):
+            load_rgb(os.devnull)
+        root = Path(__file__).resolve().parents[1]
+        rc = cli.main(["reconstruct", "--vae", str(root / "weights" / "tiny-cpu"), str(folder / "a.png"),
+                       str(folder / "pipe.png"), os.devnull, "--out", str(tmp_path / "rec")])
+        err = capsys.readouterr().err
+        assert rc == 1 and sorted(p.name for p in (tmp_path / "rec").iterdir()) == ["a.png"]
+        assert "pipe.png: unreadable: not a regular file (a FIFO)" in err
+        assert "unreadable: not a regular file (a character device)" in err
+    finally:
+        made["sock"].close()
+        shutil.rmtree(folder)

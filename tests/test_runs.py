@@ -262,6 +262,24 @@ def test_nonfinite_steps_are_skipped_then_the_run_halts_cleanly(cache, tmp_path,
     assert not (run / "export").exists()
 
 
+def test_nonfinite_parameters_halt_before_anything_is_saved(cache, tmp_path):
+    """The config refuses non-finite floats (CLI and RecipeConfig); a NaN learning rate forced past that
+    (the way a user's code could) gives finite gradients but NaN parameters. The run stops at that step in
+    one line, and saves no checkpoint and no export of it."""
+    from fvae_core.runs.train import NonFiniteHalt, train
+
+    cfg = apply_overrides(preset("smoke"), ["steps=4", "ckpt_every=1", "recipe.disc_start=0"])
+    object.__setattr__(cfg.recipe, "lr", float("nan"))  # frozen: bypasses the validation on purpose
+    run = tmp_path / "nan-lr"
+    with pytest.raises(NonFiniteHalt, match=r"step 1: the updated gen parameters are not finite") as e:
+        train(cfg, run, progress=False, log=lambda m: None)
+    assert "\n" not in str(e.value)
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert not (run / "export").exists() and not (run / "final.json").exists()
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "halt-nonfinite-params" and events[-1]["step"] == 1
+
+
 def test_export_refuses_non_finite_weights(tmp_path):
     from fvae_core.autoencoder import PRESET_CONFIGS, init_params
     from fvae_core.weights import WeightError, save_single_file
@@ -321,6 +339,61 @@ def test_resume_with_another_state_layout_is_a_one_line_error(cache, tmp_path, c
     assert cli.main(["train", "--resume", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "another train-state layout" in err and len(err.splitlines()) == 1, err
+
+
+def _largest_data_file(ckpt: Path) -> Path:
+    files = [p for p in (ckpt / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _flip(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated": lambda c: os.truncate(_largest_data_file(c), _largest_data_file(c).stat().st_size // 2),
+    "missing file": lambda c: _largest_data_file(c).unlink(),
+    "flipped data": lambda c: _flip(_largest_data_file(c)),
+    "flipped metadata": lambda c: _flip(c / "state" / "_METADATA"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_exactly(cache, straight, tmp_path, damage):
+    """The newest checkpoint damaged (as a kill -9 mid-copy, a bad disk or a bad transfer leaves it): resume
+    says so in one line naming it, moves it aside (not deleted), resumes from the next older one and ends
+    bitwise equal to the uninterrupted run. Without the digest check, flipped data bytes resumed silently
+    into different weights."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for name in ("final.json", "export"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    DAMAGE[damage](run / "checkpoints" / "6")
+    p = _run(cache, "train", "--resume", str(run), check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stderr.splitlines() if "checkpoint 6 is damaged" in line]
+    assert len(lines) == 1 and "resuming from 5" in lines[0] and "-damaged" in lines[0], p.stderr[-3000:]
+    aside = list(run.glob("checkpoints-damaged/6-*"))
+    assert len(aside) == 1 and (aside[0] / "state").is_dir()
+    _assert_same_state(load_state_arrays(straight / "checkpoints", 6), load_state_arrays(run / "checkpoints", 6))
+    assert (run / "export" / "vae.safetensors").read_bytes() == (straight / "export" / "vae.safetensors").read_bytes()
+
+
+def test_no_checkpoint_verifies_exit_2_one_line(cache, straight, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    (run / "final.json").unlink()
+    DAMAGE["truncated"](run / "checkpoints" / "6")
+    DAMAGE["flipped data"](run / "checkpoints" / "5")
+    p = _run(cache, "train", "--resume", str(run), check=False)
+    err = [line for line in p.stderr.strip().splitlines() if line.startswith("fvae: error")]
+    assert p.returncode == 2 and len(err) == 1 and "no checkpoint verifies" in err[0], p.stderr[-3000:]
+    assert "6:" in err[0] and "5:" in err[0]
+    assert sorted(q.name for q in (run / "checkpoints").iterdir() if q.name.isdigit()) == ["5", "6"]  # nothing moved
+    assert not (run / "checkpoints-damaged").exists()
 
 
 def test_auto_steps_per_call_stops_where_the_program_changes_only():

@@ -248,6 +248,11 @@ def test_bf16_step_is_finite_and_close_to_fp32(lp, batch):
     (dict(critic_start=10, disc_start=5), "critic_start"),
     (dict(loss_space="lab"), "loss_space"),
     (dict(compute_dtype="float16"), "compute_dtype"),
+    # built in Python (not through the CLI's config parsing), a NaN lr passed "lr < 0" and trained into NaN
+    (dict(lr=float("nan")), "lr nan is not a finite number"),
+    (dict(critic_lr=float("inf")), "critic_lr inf is not a finite number"),
+    (dict(channel_weights=(1.0, float("nan"), 1.0)), "channel_weights nan"),
+    (dict(penalty_weight=float("-inf")), "penalty_weight -inf"),
 ])
 def test_recipe_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -550,10 +555,12 @@ def test_spaces_fed_as_input_equal_the_compiled_ones(lp, batch):
         for k in m_own:
             np.testing.assert_allclose(float(m_in[k]), float(m_own[k]), rtol=2e-5, atol=1e-6,
                                        err_msg=f"{loss_space}/{critic_space} {k}")
-        for part in ("params", "critic_params"):
+        # Adam's first update is about lr * sign(g): a rounding-level change of a near-zero gradient moves that
+        # element by up to 2 lr; the fraction of elements that moved at all is the real check
+        for part, lr in (("params", recipe.lr), ("critic_params", recipe.critic_lr)):
             a, b = _leaves(getattr(s_in, part)), _leaves(getattr(s_own, part))
             diff = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)])
-            assert diff.max() <= 2 * recipe.lr and np.mean(diff > 1e-6) < 0.01, (loss_space, critic_space, part)
+            assert diff.max() <= 2 * lr and np.mean(diff > 1e-6) < 0.01, (loss_space, critic_space, part)
         losses[(loss_space, critic_space)] = (float(m_own["loss/pixel"]), float(m_own["critic/d_real"]))
     # the spaces really change the step: a select that ignored its flag could not pass the loop by accident
     assert losses[("oklab", "oklab")][0] != losses[("srgb", "oklab")][0]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fvae_core.images import Decoded, ImageError, decode_image, scan_folder
+from fvae_core.images import Decoded, ImageError, decode_image, open_regular, scan_folder
 
 __all__ = ["BUILTIN_SOURCES", "OPENMOJI_ATTRIBUTION", "SKIMAGE_PHOTOS", "SourceError", "SourceItem",
            "decode_item", "item_bytes", "openmoji_svgs", "render_svg", "resolve_sources", "sha256",
@@ -163,7 +163,8 @@ def item_bytes(item: SourceItem) -> bytes:
     if item.kind == "skimage":
         img = skimage_photo(item.ref)
         return f"{img.shape}".encode() + img.tobytes()
-    return Path(item.ref).read_bytes()
+    with open_regular(item.ref) as fh:  # a FIFO or device is refused, not waited on
+        return fh.read()
 
 
 def sha256(data: bytes) -> str:

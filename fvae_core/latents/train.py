@@ -187,7 +187,7 @@ def train(cfg: LatentRunConfig, run_dir, *, resume: bool = False, log=print) -> 
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_ckpts)
     start = 0
     if resume:
-        state, extra = ckpts.restore(state)
+        state, extra = ckpts.restore_verified(state, log)
         start = int(state["step"])
         log(f"resumed at step {start}")
     runlog = RunLog(run_dir, resume_step=start if resume else None)

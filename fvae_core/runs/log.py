@@ -24,7 +24,9 @@ def summary_writer_class():
     """tensorboardX's ``SummaryWriter``, imported without torch. tensorboardX's writer imports torch whenever
     it is installed (only to accept torch tensors, which fvae never passes): 3.5 s of import and a few
     hundred MB in every training process, and the training path must not import torch. So ``torch`` is
-    marked unimportable while tensorboardX loads, unless something imported it already."""
+    marked unimportable while tensorboardX loads, unless something imported it already (for those few
+    milliseconds another thread of this process could not import torch either: fvae's training path has
+    none that would)."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
         return SummaryWriter
