@@ -19,7 +19,7 @@ $(STAMP): requirements/core.txt requirements/dev.txt pyproject.toml
 
 # Two workers, one test file each at a time (a file's tests share fixtures and run in order).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=40 tests
 
 # The notebook suite at the embedded default scale: 01-07 executed headless (papermill), figures/ and
 # figures/claims.md written; runs cached by config hash under runs/suite (a second run takes minutes).
