@@ -88,14 +88,24 @@ class VAEReconstructor:
     encodings: "EncodeMemo | None" = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
-    def load(cls, src: str, name: str | None = None, batch_size: int = 8) -> "VAEReconstructor":
+    def load(cls, src: str, name: str | None = None, batch_size: int = 8,
+             encodings: "EncodeMemo | None" = None) -> "VAEReconstructor":
         from fvae_core.weights import WeightError, load_vae
 
         try:
             vae = load_vae(src)
         except (WeightError, OSError) as e:
             raise EvalError(f"--vae {src}: {e}") from e
-        return cls(name or _short_name(src), vae.config, vae.params, batch_size)
+        return cls(name or _short_name(src), vae.config, vae.params, batch_size, encodings)
+
+    def encode(self, batch01: np.ndarray, encodings: "EncodeMemo | None" = None) -> np.ndarray:
+        """The posterior means of ``batch01``, from ``encodings`` (default: :attr:`encodings`) when an equal
+        encoder has encoded equal images before."""
+        from fvae_core.reconstruct import encode_latents
+
+        memo = self.encodings if encodings is None else encodings
+        run = lambda: encode_latents(self.config, self.params, batch01, batch=self.batch_size)  # noqa: E731
+        return run() if memo is None else memo.get(self.config, self.params, batch01, run)
 
     def __call__(self, batch01: np.ndarray) -> np.ndarray:
         from fvae_core.conventions import from_model_range, to_model_range
@@ -116,11 +126,9 @@ class VAEReconstructor:
                                      band_bytes=band) for x in batch01]
             return np.clip(np.asarray(from_model_range(np.concatenate(out)), np.float32), 0.0, 1.0)
         if self.encodings is not None:
-            from fvae_core.reconstruct import decode_latents, encode_latents
+            from fvae_core.reconstruct import decode_latents
 
-            z = self.encodings.get(self.config, self.params, batch01, lambda: encode_latents(
-                self.config, self.params, batch01, batch=self.batch_size))
-            return decode_latents(self.config, self.params, z, batch=self.batch_size, uint8=False)
+            return decode_latents(self.config, self.params, self.encode(batch01), batch=self.batch_size, uint8=False)
         run = _reconstruct_fn(self.config, "mean", "float32")
         out = []
         for i in range(0, len(batch01), self.batch_size):
@@ -158,14 +166,8 @@ class PerturbedReconstructor:
 
     def encode(self, batch01: np.ndarray) -> np.ndarray:
         """The posterior means of ``batch01``, from :attr:`encodings` when an equal encoder has encoded
-        equal images before."""
-        from fvae_core.reconstruct import encode_latents
-
-        v = self.vae
-        if self.encodings is None:
-            return encode_latents(v.config, v.params, batch01, batch=v.batch_size)
-        return self.encodings.get(v.config, v.params, batch01,
-                                  lambda: encode_latents(v.config, v.params, batch01, batch=v.batch_size))
+        equal images before (:meth:`VAEReconstructor.encode`)."""
+        return self.vae.encode(batch01, self.encodings)
 
     def __call__(self, batch01: np.ndarray) -> np.ndarray:
         from fvae_core.reconstruct import decode_latents
@@ -276,9 +278,7 @@ def load_reconstructor(src: str, name: str | None = None, batch_size: int = 8, e
     sharing ``encodings``, an :class:`EncodeMemo`, when given)."""
     if str(src).startswith(ResizeReconstructor.PREFIX):
         return ResizeReconstructor.parse(src, name)
-    vae = VAEReconstructor.load(src, name, batch_size)
-    vae.encodings = encodings
-    return vae
+    return VAEReconstructor.load(src, name, batch_size, encodings)
 
 
 def _short_name(src: str) -> str:

@@ -146,19 +146,20 @@ def open_regular(path):
     before it is opened (opening some devices has side effects), then opened non-blocking (which never
     waits on a FIFO) and checked again with ``fstat`` on the open descriptor (no race with a swap of the
     path). Every image read of fvae goes through this."""
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(mode)})", str(path))
+    _require_regular(os.stat(path).st_mode, path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(mode)})", str(path))
+        _require_regular(os.fstat(fd).st_mode, path)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _require_regular(mode: int, path) -> None:
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(mode)})", str(path))
 
 
 def _file_kind(mode: int) -> str:

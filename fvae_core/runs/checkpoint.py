@@ -66,7 +66,11 @@ class Checkpoints:
         self._ocp = ocp
         self.folder = Path(folder).absolute()
         self._keep = keep
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self._open()
+
+    def _open(self) -> None:
+        ocp = self._ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, enable_async_checkpointing=False)
         self._mngr = ocp.CheckpointManager(self.folder, options=options)
 
     def latest_step(self) -> int | None:
@@ -100,7 +104,7 @@ class Checkpoints:
                 want = extra.pop(DIGEST_KEY, None)
                 if want is None and extra.get(FORMAT_KEY) is not None:
                     raise ValueError("its digest is missing from its record")
-                got = state_digest(state, {**extra}) if want is not None else None
+                got = state_digest(state, extra) if want is not None else None
                 if want is not None and got is not None and got != want:
                     raise ValueError("its arrays or record do not match the digest saved with them")
                 unverified = ("no digest: written by an older fvae" if want is None else
@@ -144,10 +148,8 @@ class Checkpoints:
 
     def _reopen(self) -> None:
         """A fresh manager, so that the steps moved aside are forgotten."""
-        ocp = self._ocp
         self._mngr.close()
-        options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, enable_async_checkpointing=False)
-        self._mngr = ocp.CheckpointManager(self.folder, options=options)
+        self._open()
 
     def restore(self, like_state, step: int | None = None):
         """-> (state, extra) of ``step`` (default: the latest), with the shapes, dtypes and shardings of
