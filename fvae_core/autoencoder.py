@@ -232,7 +232,8 @@ def _grads_first_here() -> bool:
 #: Backends on which :func:`_grads_first` ties each layer's input gradient to its parameter gradients. A fix
 #: for XLA:CPU's memory-optimised scheduler; on the GPU it is an extra pass over every input gradient (and
 #: the step has memory to spare): the sd-vae-ft-mse B32 bf16 step without it and with updates as ``where``
-#: (``train_steps.COND_UPDATE_BACKENDS``) took 187 instead of 193 ms on an H100 (``benchmarks/RESULTS.md``).
+#: (``train_steps.COND_UPDATE_BACKENDS``) took 187 instead of 193 ms on an H100
+#: (``benchmarks/results/history.md``, seventh round).
 GRADS_FIRST_BACKENDS = ("cpu",)
 
 
@@ -492,7 +493,8 @@ def _upsample_nearest2x(x):
 #: the input's resolution (:func:`fvae_core.conv.upsample_conv2d`): 4/9 of the FLOPs, and the upsampled
 #: input is never built. The sd decoder's upsample convs are 28% of its forward FLOPs; on XLA:CPU their
 #: fwd+bwd went from 890 to 419 ms (512 ch, 64^2 -> 128^2) and from 1072 to 456 ms (256 ch, 128^2 -> 256^2).
-#: On an H100 the sd-vae-ft-mse B32 bf16 step went from 207 to 195 ms (cuDNN; ``benchmarks/RESULTS.md``).
+#: On an H100 the sd-vae-ft-mse B32 bf16 step went from 207 to 195 ms (cuDNN; ``benchmarks/results/history.md``,
+#: seventh round).
 #: Not measured on TPU.
 SUBPIXEL_BACKENDS = ("cpu", "gpu")
 

@@ -197,7 +197,7 @@ MIN_CHANNELS = 128
 MIN_PIXELS = 128 * 128
 #: Backends on which ``custom_grad=None`` may pick the custom gradient. Only XLA:CPU's conv backward is slow;
 #: on GPU XLA's own conv gradients are cuDNN kernels, and forcing the custom one made the sd-vae-ft-mse step
-#: 1.32x slower (H200, bf16, B32; ``benchmarks/gpu_step.py``, ``benchmarks/RESULTS.md``).
+#: 1.32x slower (H200, bf16, B32; ``benchmarks/gpu_step.py``, ``benchmarks/results/history.md``, the first GPU runs).
 CUSTOM_GRAD_BACKENDS = ("cpu",)
 
 
@@ -214,7 +214,7 @@ def loop_body():
     XLA:CPU (jax 0.10) runs a conv's *kernel* gradient inside a loop body as one of its own slow compiled
     loops: a 3x3 conv (B8, 64^2, 64 -> 64) took 2984 ms inside ``lax.scan(length=1)`` against 84 ms jitted
     alone (36x), and the tiny-cpu step 4.0-4.6 s against 0.41 s. The custom gradient is matmuls, which run
-    at full speed in a loop (``benchmarks/RESULTS.md``, eleventh and twelfth rounds)."""
+    at full speed in a loop (``benchmarks/results/history.md``, eleventh and twelfth rounds)."""
     depth = getattr(_LOOP, "depth", 0)
     _LOOP.depth = depth + 1
     try:
@@ -335,10 +335,10 @@ WINOGRAD_BACKENDS = ("cpu",)
 #: Winograd is used for convs with at least this many input and output channels ...
 WINOGRAD_MIN_CHANNELS = 64
 #: ... on images of at most this many pixels. Measured per conv, forward, same process, alternating
-#: (2-core EPYC, XLA:CPU, jax 0.10; ``benchmarks/RESULTS.md``): 0.36-0.65x XLA's direct conv at 32^2 and
-#: below (LPIPS-VGG16's 128-512-channel layers at B8, 64^2 crops), 0.56-0.9x for 256-512 channels at 16^2-64^2
-#: (B1-B4, 256^2 crops), 0.91x for 64 channels at 64^2, B8; but 1.2x for 128 channels at 128^2 and 1.7x for
-#: 64 channels at 256^2, where XLA's direct conv runs near the matmul peak.
+#: (2-core EPYC, XLA:CPU, jax 0.10; ``benchmarks/results/history.md``, fourth round): 0.36-0.65x XLA's direct
+#: conv at 32^2 and below (LPIPS-VGG16's 128-512-channel layers at B8, 64^2 crops), 0.56-0.9x for 256-512
+#: channels at 16^2-64^2 (B1-B4, 256^2 crops), 0.91x for 64 channels at 64^2, B8; but 1.2x for 128 channels at
+#: 128^2 and 1.7x for 64 channels at 256^2, where XLA's direct conv runs near the matmul peak.
 WINOGRAD_MAX_PIXELS = 64 * 64
 #: :func:`conv2d` (the autoencoder's convs) uses :func:`winograd_conv2d` from this many channels (and
 #: :func:`use_winograd`'s image-size and backend rule); None: never. 128 since the thirteenth round: the
@@ -348,7 +348,7 @@ WINOGRAD_MAX_PIXELS = 64 * 64
 #: 15 s more compile; in ``benchmarks/train_step.py`` B1 went from 1.01x to 0.92-0.94x torch's time, B4 from
 #: 0.77-0.79x to 0.68-0.70x. The tiny presets' convs (at most 64 channels) are unaffected: 64 would reach
 #: them (7% faster, but 20 s (50%) more compile, which the test suite would pay at every step it compiles;
-#: fifth round). See ``benchmarks/RESULTS.md``.
+#: fifth round). See ``benchmarks/results/history.md``, fifth and thirteenth rounds.
 CONV2D_WINOGRAD_MIN_CHANNELS: int | None = 128
 
 

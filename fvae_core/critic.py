@@ -147,7 +147,8 @@ def patch_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
     concatenate and a dot -- is again slices, pads and dots, so the gradient penalty's double backward
     stays matmul-shaped. XLA:CPU's double backward of the conv itself is slow: about 50x its forward for
     the 256->512 stride-1 layer at 32^2 (49 ms forward, 2.3 s for the penalty's param gradient; jax 0.10,
-    2-core EPYC), which made the critic update 5.7x PyTorch's at sd size (``benchmarks/RESULTS.md``).
+    2-core EPYC), which made the critic update 5.7x PyTorch's at sd size (``benchmarks/results/history.md``,
+    the first full run).
     """
     kh, kw, cin, cout = kernel.shape
     if x.shape[-1] != cin:

@@ -476,7 +476,7 @@ def _kl_term(post, image_shape) -> jax.Array:
 #: do: the compile was the tiny-cpu step's RSS peak (2.3 GB, against 1.3 GB while it runs) and is 1.0 GB
 #: of the sd-vae-ft-mse B1 step's. With the classic emitter both steps run as fast (sd B1 14.1 vs 14.2 s,
 #: tiny 0.95 vs 0.96 s) and compile in about 1.3 GB less peak memory (jax 0.10, 2-core EPYC;
-#: ``benchmarks/RESULTS.md``). Options named ``xla_cpu_*`` are ignored by other backends.
+#: ``benchmarks/results/history.md``, third round). Options named ``xla_cpu_*`` are ignored by other backends.
 STEP_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 #: Added for steps of at least :data:`MEMORY_SCHEDULER_MIN_ELEMENTS` (by default every step; the name is from
 #: when only large ones got it). XLA:CPU's default scheduler orders the step's ops for concurrency at the
@@ -595,7 +595,7 @@ HOST_GLIBC_TUNABLES = {"glibc.malloc.hugetlb": "1"}
 #: Steps of at least this many pixels (micro-batch x crop^2) get :data:`HOST_GLIBC_TUNABLES`: sd-vae-ft-mse
 #: at B4, 256^2 (262,144 px) went 34.8 -> 30.5 s a step; at B1 (65,536 px) it was no faster; at tiny-cpu
 #: (B8, 64^2: 32,768 px) every other step took 0.68 instead of 0.40 s in the benchmark's process, which
-#: runs torch's steps between fvae's (``benchmarks/RESULTS.md``, tenth round).
+#: runs torch's steps between fvae's (``benchmarks/results/history.md``, tenth round).
 HUGE_PAGES_MIN_PIXELS = 1 << 17
 
 
@@ -603,7 +603,7 @@ HUGE_PAGES_MIN_PIXELS = 1 << 17
 #: ``steps_per_call`` at 0 (:func:`default_steps_per_call`, :meth:`Trainer.raw_steps`). On XLA:CPU each call
 #: maps the step's temp buffer afresh (5.2 GB at sd-vae-ft-mse B4, 256^2) and the kernel zeroes its pages on
 #: first touch, at about 1-1.5 GB/s on the 2-core VM measured; in a scan of n steps that happens once per
-#: call. Measured per step, one process (jax 0.10, 2-core EPYC; ``benchmarks/RESULTS.md``, twelfth round):
+#: call. Measured per step, one process (jax 0.10, 2-core EPYC; ``benchmarks/results/history.md``, twelfth round):
 #: sd-vae-ft-mse B4 31.2 s one per call, 27.0 s two per call (system time 7.0 -> 3.6 s a step); B1 6.86 s
 #: one per call, 6.31 s four per call; tiny-cpu 0.44 s, 0.40 s (two), 0.38 s (four). Peak RSS within 30 MB.
 MULTI_STEP_BACKENDS = ("cpu",)
@@ -639,7 +639,7 @@ def host_allocator_environ(environ=None, pixels: int | None = None) -> dict | No
     Why: the step's buffers above 32 MiB (XLA's temp allocation, 5.2 GB at sd-vae-ft-mse B4, and the
     convolutions' scratch) are mapped afresh in every step, and with 4 KiB pages the kernel takes a fault
     for each page: 2.6M faults and 12 s of system time per sd B4 step on the tuned allocator
-    (``benchmarks/RESULTS.md``, tenth round). With huge pages: 4k faults, 5 s, and the step 34.8 -> 30.5 s.
+    (``benchmarks/results/history.md``, tenth round). With huge pages: 4k faults, 5 s, and the step 34.8 -> 30.5 s.
     Small steps go without (:data:`HUGE_PAGES_MIN_PIXELS`)."""
     env = dict(os.environ if environ is None else environ)
     if (pixels is not None and pixels < HUGE_PAGES_MIN_PIXELS) or _cpu_training_host() is not None:
@@ -678,7 +678,7 @@ def tune_host_allocator() -> str:
     * Transparent huge pages for the mapped chunks come from the environment the process started with
       (:func:`host_allocator_environ`); the line says whether they are on.
 
-    Tiny-cpu, paired processes (``benchmarks/RESULTS.md``, ninth round): peak RSS 788-804 against 845-861
+    Tiny-cpu, paired processes (``benchmarks/results/history.md``, ninth round): peak RSS 788-804 against 845-861
     MB, the compile's peak 727-735 against 833-857 MB; in two pairs of 20 steps the step 2% slower
     (431-437 against 414-428 ms; one arena alone: 445-453 ms) and the compile 4-8 s slower (lock
     contention).
@@ -844,7 +844,7 @@ def all_finite(*trees) -> jax.Array:
 #: which keeps a copy of the optimiser moments (GPU memory has room) but spares XLA:GPU a conditional that
 #: waits on its predicate. With the grads-first tie also off
 #: (``autoencoder.GRADS_FIRST_BACKENDS``) the sd-vae-ft-mse B32 bf16 step took 187 instead of 193 ms on an
-#: H100, peak GPU memory unchanged at 23.1 GB (``benchmarks/RESULTS.md``).
+#: H100, peak GPU memory unchanged at 23.1 GB (``benchmarks/results/history.md``, seventh round).
 COND_UPDATE_BACKENDS = ("cpu",)
 
 

@@ -20,7 +20,7 @@
 #
 # The run is `fvae train --config small-cpu-finetune`: Oklab MAE→MSE schedule + LPIPS, a WGAN-GP PatchGAN
 # critic with layer norm weighted to half the reconstruction gradient, EMA; 300 steps, the length at which
-# the card's main effects resolve (README, "Choosing the finetune length"). It is cached by its config
+# the card's main effects resolve (docs/training.md, "Choosing the finetune length"). It is cached by its config
 # hash under `RUN_ROOT`: a second execution reuses it.
 
 # %% tags=["parameters"]

@@ -20,7 +20,7 @@ Each Debian package is looked for in the system root ``/`` (``apt-get install``)
 fills that folder with ``apt-get download`` + ``dpkg-deb -x`` (:func:`fetch_debian`), which installs
 nothing and pulls none of the packages' Depends (tuxpaint-data's would add 157 MB of stamps, Wesnoth's
 the whole game), and records the versions it got in ``VERSIONS``. The survey that chose these packages
-(every candidate image looked at) is summarised in the README, "Data".
+(every candidate image looked at) is summarised in ``docs/data.md``, "Sources and licences".
 """
 from __future__ import annotations
 

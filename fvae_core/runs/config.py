@@ -281,7 +281,8 @@ PRESETS: dict[str, RunConfig] = {
         data=_TINY_DATA, batch_size=8, steps=300, log_every=25, eval_every=150, eval_batches=4,
         sample_every=150, ckpt_every=150),
     # The suite's finetune (issue 27): the card's recipe from the committed base in the regime. Steps from
-    # measured effect-vs-steps curves (README, "Choosing the finetune length"); schedule and GAN scale with them.
+    # measured effect-vs-steps curves (docs/training.md, "Choosing the finetune length"); schedule and GAN
+    # scale with them.
     # Checkpoints every 100 steps, so every stop divides by 4 and the CPU runs 4 steps per call, not 2.
     "small-cpu-finetune": RunConfig(
         name="small-cpu-finetune", init="weights/small-cpu", lpips_net="alexnet",
